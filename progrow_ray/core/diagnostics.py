@@ -1,0 +1,76 @@
+"""The muP spectral condition (paper §3.2): each weight's spectral norm ||W||_2 should be of order
+sqrt(fan_out / fan_in). Random and copied layers satisfy it; zero and copying_zero layers do not
+(a zero sub-layer has norm 0) — the conflict between function preservation and feature learning.
+
+Normalisation scales are included as the diagonal maps they are (||diag(g)||_2 = max |g|, target 1),
+which is how copying_zero's zeroed norms show up: its copied matrices are intact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .growth import NORM_TYPES
+from .models.base import unwrap_model
+
+# "Of order 1": a ratio outside this band means the layer is far from the muP scaling.
+RATIO_BAND = (0.1, 10.0)
+
+
+@dataclass(frozen=True)
+class SpectralRow:
+    name: str
+    shape: tuple[int, ...]
+    fan_in: int
+    fan_out: int
+    spectral_norm: float  # the largest over experts for stacked MoE weights
+    target: float  # sqrt(fan_out / fan_in)
+
+    @property
+    def ratio(self) -> float:
+        return self.spectral_norm / self.target
+
+    @property
+    def satisfies_mup(self) -> bool:
+        return RATIO_BAND[0] <= self.ratio <= RATIO_BAND[1]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio, "satisfies_mup": self.satisfies_mup}
+
+
+def _as_operator(name: str, p: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """The weight as (batch of) matrices of shape (fan_out, fan_in)."""
+    if isinstance(module, NORM_TYPES):
+        return torch.diag(p)
+    if isinstance(module, nn.Embedding):
+        return p.t()  # one-hot vocab -> d: fan_in = vocab size
+    if p.ndim == 3:  # stacked experts stored (experts, in, out)
+        return p.transpose(-2, -1)
+    return p.reshape(p.size(0), -1)
+
+
+@torch.no_grad()
+def spectral_report(model: nn.Module, prefix: str = "") -> list[SpectralRow]:
+    """One row per >= 2-D weight and per normalisation scale whose name starts with ``prefix``
+    (e.g. ``"blocks.3."``)."""
+    model = unwrap_model(model)
+    rows, seen = [], set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            is_scale = isinstance(module, NORM_TYPES) and p_name == "weight"
+            if (p.ndim < 2 and not is_scale) or id(p) in seen or not name.startswith(prefix):
+                continue
+            seen.add(id(p))
+            W = _as_operator(name, p.detach().float(), module)
+            sigma = torch.linalg.matrix_norm(W, ord=2).max().item()
+            fan_out, fan_in = W.shape[-2], W.shape[-1]
+            rows.append(SpectralRow(name, tuple(p.shape), fan_in, fan_out, sigma, (fan_out / fan_in) ** 0.5))
+    return rows
+
+
+def mup_violations(rows: list[SpectralRow]) -> list[SpectralRow]:
+    return [r for r in rows if not r.satisfies_mup]

@@ -1,0 +1,130 @@
+"""Mixing time and the choice of τ (paper §5 and recipe step 4).
+
+t_mix is the number of tokens after the expansion that the progressive run needs until its loss
+meets the fixed-size run's: here, until the smoothed relative gap (prog - fixed) / fixed falls to
+``rel_tol`` and stays there for ``window_tokens``. Under WSD it hardly depends on when the expansion
+happens during the stable phase (Takeaway 6), so two short runs with the expansion right after
+warmup measure it, and the full run expands at τ = end of the stable phase − t_mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .errors import require
+
+
+@dataclass(frozen=True)
+class MixResult:
+    mixed: bool
+    t_mix_tokens: int | None  # tokens after the expansion until mixed; None if never
+    mixed_at_tokens: int | None  # absolute token count where the mixed window starts
+    gap_after_mix_rel: float | None  # worst smoothed relative gap inside the mixed window
+    last_gap_rel: float  # smoothed relative gap at the last common point
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def ema(values: np.ndarray, alpha: float) -> np.ndarray:
+    """Bias-corrected exponential moving average; ``alpha`` = weight of the past (0 = none)."""
+    require(0 <= alpha < 1, f"smoothing must be in [0, 1), got {alpha}")
+    if alpha == 0 or len(values) == 0:
+        return values.astype(float)
+    out, acc = np.empty(len(values)), 0.0
+    for i, v in enumerate(values):
+        acc = alpha * acc + (1 - alpha) * v
+        out[i] = acc / (1 - alpha ** (i + 1))
+    return out
+
+
+def _curve(tokens: Sequence[float], losses: Sequence[float], name: str) -> tuple[np.ndarray, np.ndarray]:
+    t, l = np.asarray(tokens, dtype=float), np.asarray(losses, dtype=float)
+    require(t.ndim == 1 and t.shape == l.shape and len(t) > 0, f"{name}: tokens and losses must be equal-length 1-D, non-empty")
+    require(bool(np.all(np.isfinite(l))), f"{name}: losses must be finite")
+    order = np.argsort(t, kind="stable")
+    return t[order], l[order]
+
+
+def t_mix(fixed_tokens: Sequence[float], fixed_loss: Sequence[float], prog_tokens: Sequence[float],
+          prog_loss: Sequence[float], expand_at_tokens: float, rel_tol: float = 0.01,
+          window_tokens: float = 0.0, smoothing: float = 0.0) -> MixResult:
+    """Mixing time of a progressive curve against a fixed-size one (both loss vs tokens).
+
+    The fixed curve is interpolated at the progressive curve's points after the expansion; a point
+    counts as mixed when every gap from it to ``window_tokens`` later is <= ``rel_tol`` — and that
+    whole window must have been observed.
+    """
+    require(rel_tol >= 0, f"rel_tol must be >= 0, got {rel_tol}")
+    require(window_tokens >= 0, f"window_tokens must be >= 0, got {window_tokens}")
+    ft, fl = _curve(fixed_tokens, fixed_loss, "fixed curve")
+    pt, pl = _curve(prog_tokens, prog_loss, "progressive curve")
+    fl, pl = ema(fl, smoothing), ema(pl, smoothing)
+    keep = (pt >= expand_at_tokens) & (pt >= ft[0]) & (pt <= ft[-1])
+    require(bool(keep.any()), "the curves share no point after the expansion: run them longer")
+    pt, pl = pt[keep], pl[keep]
+    fixed_at = np.interp(pt, ft, fl)
+    gap = (pl - fixed_at) / fixed_at
+    last = float(gap[-1])
+    ok = gap <= rel_tol
+    for i in range(len(pt)):
+        end = pt[i] + window_tokens
+        if end > pt[-1]:
+            break
+        inside = (pt >= pt[i]) & (pt <= end)
+        if ok[inside].all():
+            start = int(round(pt[i]))
+            return MixResult(True, int(round(pt[i] - expand_at_tokens)), start, float(gap[inside].max()), last)
+    return MixResult(False, None, None, None, last)
+
+
+@dataclass(frozen=True)
+class TauPlan:
+    expand: bool  # False: train fixed-size (τ = 0 means the large model from the start)
+    tau_tokens: int
+    t_mix_tokens: int | None
+    flops_fraction: float  # (progressive + search) / fixed-size FLOPs
+    predicted_gap_rel: float | None
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_tau(mix: MixResult, *, total_tokens: int, warmup_tokens: float, stable_end_tokens: float,
+             small_flops_per_token: float, large_flops_per_token: float, search_flops: float = 0.0,
+             safety: float = 0.0) -> TauPlan:
+    """τ = end of stable phase − t_mix·(1 + safety), clamped to [end of warmup, end of stable phase].
+
+    Falls back to fixed-size training (``expand=False``, τ = 0) when the curves did not mix, when
+    mixing needs more tokens than the stable phase has, or when the search itself costs more than
+    the expansion would save.
+    """
+    require(total_tokens > 0 and 0 <= warmup_tokens <= stable_end_tokens <= total_tokens,
+            "need 0 <= warmup end <= stable end <= total tokens")
+    require(safety >= 0, f"safety must be >= 0, got {safety}")
+    fixed = large_flops_per_token * total_tokens
+
+    def fixed_size(reason: str) -> TauPlan:
+        return TauPlan(False, 0, mix.t_mix_tokens, (fixed + search_flops) / fixed, 0.0,
+                       f"no saving at this horizon: {reason}; train fixed-size")
+
+    if not mix.mixed:
+        return fixed_size(f"the curves did not mix within the search (last gap {mix.last_gap_rel:+.2%})")
+    needed = mix.t_mix_tokens * (1 + safety)
+    tau = stable_end_tokens - needed
+    if tau <= warmup_tokens:
+        return fixed_size(f"mixing needs {needed:,.0f} tokens but the stable phase after warmup has "
+                          f"{stable_end_tokens - warmup_tokens:,.0f}")
+    tau = int(min(tau, stable_end_tokens))
+    progressive = small_flops_per_token * tau + large_flops_per_token * (total_tokens - tau)
+    fraction = (progressive + search_flops) / fixed
+    if fraction >= 1:
+        return fixed_size(f"the search ({search_flops:.3g} FLOPs) costs more than expanding saves")
+    gap = max(mix.gap_after_mix_rel or 0.0, 0.0)
+    verdict = (f"expand at tau = {tau:,} tokens ({tau / total_tokens:.0%} of the horizon): saves "
+               f"{1 - fraction:.1%} FLOPs (search included) at a predicted final loss gap <= {gap:.2%}")
+    return TauPlan(True, tau, mix.t_mix_tokens, fraction, gap, verdict)

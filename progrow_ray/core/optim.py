@@ -1,0 +1,204 @@
+"""Optimizers: the paper's Muon-NSGD and an AdamW factory, with parameter groups that survive growth.
+
+Muon-NSGD (paper §2, App. B): every tensor with >= 2 dims gets Muon — Nesterov momentum, then
+Newton–Schulz orthogonalisation — and every other tensor gets normalised SGD, m / ||m||. One learning
+rate for both, decoupled weight decay ``p <- p (1 - lr wd)``.
+
+Every parameter group carries a ``kind`` ("muon" / "nsgd" or "decay" / "no_decay") and a ``family``
+("muon_nsgd" / "adamw"), so ``sync_param_groups`` can place the parameters of new layers after a
+depth expansion without knowing anything about the model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, require
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: fast, lands sigma in ~[0.7, 1.2]
+FAMILIES = ("muon_nsgd", "adamw")
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately orthogonalise the last two dims of ``G`` (batched over leading dims): pushes
+    every singular value towards 1, keeping the singular vectors."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (batch, rows, cols)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:  # iterate on the smaller Gram matrix
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # fused b*A + c*A@A, as torch.optim.Muon
+        X = torch.baddbmm(X, B, X, beta=a)
+    if transposed:
+        X = X.mT
+    return X.reshape(G.shape).to(G.dtype)
+
+
+def as_matrices(t: torch.Tensor) -> torch.Tensor:
+    """The matrix view Muon orthogonalises: 2-D as is; 3-D (experts, in, out) as a batch of matrices,
+    one per expert; 4-D convolution kernels as (out_channels, in_channels * kh * kw)."""
+    if t.ndim == 2 or t.ndim == 3:
+        return t
+    return t.reshape(t.size(0), -1)
+
+
+class MuonNSGD(torch.optim.Optimizer):
+    """Muon for >= 2-D tensors, NSGD for the rest, one learning rate (paper's Muon-NSGD).
+
+    Why not ``torch.optim.Muon``: it rejects every tensor that is not 2-D (conv kernels, stacked MoE
+    experts) and has no NSGD branch; keeping both in one optimizer gives one state dict and one
+    learning rate to schedule. For 2-D tensors with ``ns_dtype=torch.bfloat16`` the update is the
+    same as ``torch.optim.Muon`` (tests/core/test_optim.py checks it).
+
+    Same-shape Muon updates are stacked and orthogonalised in one batched Newton–Schulz call (a GPT
+    has L copies of each block matrix), which keeps the step close to AdamW's cost on a GPU.
+    """
+
+    def __init__(self, params, lr: float = 0.01, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.1, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
+                 eps: float = 1e-7):
+        require(lr >= 0, f"optimizer.lr must be >= 0, got {lr}")
+        require(0 <= momentum < 1, f"optimizer.momentum must be in [0, 1), got {momentum}")
+        require(weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {weight_decay}")
+        require(ns_steps >= 1, f"optimizer.ns_steps must be >= 1, got {ns_steps}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps, eps=eps, kind=None, family="muon_nsgd")
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+        for group in self.param_groups:
+            if group["kind"] is None:  # plain parameter list: split it the standard way
+                require(all(p.ndim >= 2 for p in group["params"]) or all(p.ndim < 2 for p in group["params"]),
+                        "MuonNSGD: pass parameter groups from muon_nsgd_param_groups(model), or give each group a 'kind'")
+                group["kind"] = "muon" if group["params"] and group["params"][0].ndim >= 2 else "nsgd"
+            require(group["kind"] in ("muon", "nsgd"), f"MuonNSGD group kind must be 'muon' or 'nsgd', got {group['kind']!r}")
+
+    def _ns_dtype(self, device: torch.device) -> torch.dtype:
+        if self.ns_dtype is not None:
+            return self.ns_dtype
+        return torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU: exact and reproducible
+
+    def _momentum_direction(self, p: torch.Tensor, group: Mapping) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - group["momentum"])
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf.clone()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["kind"] == "nsgd":
+                for p in params:
+                    d = self._momentum_direction(p, group)
+                    p.mul_(1 - lr * wd)
+                    p.add_(d / (d.norm() + group["eps"]), alpha=-lr)
+                continue
+            by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+            for p in params:
+                m = as_matrices(self._momentum_direction(p, group))
+                by_shape[(tuple(m.shape), m.device, m.dtype)].append((p, m))
+            for (shape, device, _), items in by_shape.items():
+                stacked = torch.stack([m for _, m in items])
+                ortho = newton_schulz(stacked, group["ns_steps"], group["eps"], self._ns_dtype(device))
+                scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
+                for (p, _), u in zip(items, ortho.unbind(0)):
+                    p.mul_(1 - lr * wd)
+                    p.add_(u.view_as(p), alpha=-lr * scale)
+        return loss
+
+
+# ---- parameter groups ----------------------------------------------------------------------------
+
+def classify(family: str, name: str, p: torch.Tensor) -> str:
+    """Which group of ``family`` a parameter belongs to. Embeddings are matrices too: Muon (paper)."""
+    if family == "muon_nsgd":
+        return "muon" if p.ndim >= 2 else "nsgd"
+    if family == "adamw":
+        return "decay" if p.ndim >= 2 else "no_decay"
+    raise ConfigError(f"optimizer.name must be one of {list(FAMILIES)}, got {family!r}")
+
+
+def kinds_of(family: str) -> tuple[str, str]:
+    return ("muon", "nsgd") if family == "muon_nsgd" else ("decay", "no_decay")
+
+
+def param_groups(model: nn.Module, family: str, **group_options) -> list[dict]:
+    """All trainable parameters of ``model`` in model order, split by ``classify``; every kind gets
+    a group even when empty (a 0-layer model's first block brings the first of some kind)."""
+    groups = {kind: {"params": [], "kind": kind, "family": family, **group_options} for kind in kinds_of(family)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[classify(family, name, p)]["params"].append(p)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, name: str = "muon_nsgd", lr: float = 0.01, weight_decay: float = 0.1,
+                    momentum: float = 0.95, betas: tuple[float, float] = (0.9, 0.95), ns_steps: int = 5,
+                    ns_dtype: torch.dtype | None = None, fused: bool | None = None) -> torch.optim.Optimizer:
+    """``muon_nsgd`` (paper default: lr 0.01, wd 0.1) or ``adamw`` (paper's comparison: lr 1e-3).
+    AdamW decays only >= 2-D tensors (nanoGPT); Muon-NSGD decays all, as the paper writes it."""
+    if name == "muon_nsgd":
+        return MuonNSGD(param_groups(model, name), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        ns_steps=ns_steps, ns_dtype=ns_dtype)
+    if name == "adamw":
+        groups = param_groups(model, name)
+        for g in groups:
+            g["weight_decay"] = weight_decay if g["kind"] == "decay" else 0.0
+        device = next(model.parameters()).device
+        use_fused = (device.type == "cuda") if fused is None else fused
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=use_fused)
+    raise ConfigError(f"optimizer.name must be one of {list(FAMILIES)}, got {name!r}")
+
+
+def sync_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module,
+                      copied_from: Mapping[torch.Tensor, torch.Tensor] | None = None) -> int:
+    """Make ``optimizer`` cover exactly ``model``'s parameters after a depth expansion.
+
+    Old parameters keep their state (momentum, Adam moments) untouched; new ones start fresh, or,
+    if ``copied_from`` maps a new parameter to the one it was copied from, with a copy of that
+    state. Group lists are rebuilt in model order, so an optimizer built fresh on the expanded model
+    has the same layout and ``load_state_dict`` of a checkpoint taken after expansion lines up.
+    Returns the number of parameters added.
+    """
+    groups = {g.get("kind"): g for g in optimizer.param_groups}
+    family = optimizer.param_groups[0].get("family")
+    require(family in FAMILIES and set(groups) == set(kinds_of(family)),
+            "sync_param_groups needs an optimizer from progrow_ray.core.optim.build_optimizer")
+    before = {p for g in optimizer.param_groups for p in g["params"]}
+    lists: dict[str, list] = {kind: [] for kind in groups}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            lists[classify(family, name, p)].append(p)
+    for kind, g in groups.items():
+        g["params"] = lists[kind]
+    now = {p for ps in lists.values() for p in ps}
+    for gone in [p for p in optimizer.state if p not in now]:
+        del optimizer.state[gone]
+    for new, src in (copied_from or {}).items():
+        if new in now and src in optimizer.state:
+            optimizer.state[new] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[src].items()}
+    return len(now - before)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def iter_params(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:
+    for g in optimizer.param_groups:
+        yield from g["params"]

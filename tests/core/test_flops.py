@@ -1,0 +1,65 @@
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from progrow_ray.core import ConfigError
+from progrow_ray.core.flops import plan_savings, run_flops, train_flops_per_unit, with_depth
+from progrow_ray.core.models import GPTConfig
+
+from .conftest import batch, tiny
+
+
+def counted_train_flops(model, x, y) -> int:
+    # The math SDPA backend runs attention as bmm's the counter sees; the fused CPU kernel is not
+    # registered with FlopCounterMode and would count as zero.
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(x, y)[1].backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("kind,depth,over", [
+    ("gpt", 0, {}), ("gpt", 3, {}), ("gpt", 2, dict(bias=True)),
+    ("llama", 2, {}), ("moe", 2, dict(capacity_factor=1.0)), ("moe", 3, dict(capacity_factor=1.0, moe_every=2)),
+])
+def test_token_flops_match_torch_flop_counter(kind, depth, over):
+    model = tiny(kind, depth, **over)
+    x, y = batch(kind, n=4)
+    counted = counted_train_flops(model, x, y)
+    predicted = train_flops_per_unit(model.config, seq_len=x.size(1)) * x.numel()
+    assert predicted == pytest.approx(counted, rel=0.05)
+
+
+@pytest.mark.parametrize("blocks", [(1, 1, 1, 1), (2, 3, 2, 1)])
+@pytest.mark.parametrize("stem,size", [("cifar", 16), ("imagenet", 64)])
+def test_image_flops_match_torch_flop_counter(blocks, stem, size):
+    model = tiny("resnet", blocks, stem=stem)
+    x = torch.randn(2, 3, size, size)
+    y = torch.randint(0, 10, (2,))
+    counted = counted_train_flops(model, x, y)
+    predicted = train_flops_per_unit(model.config, image_size=size) * 2
+    assert predicted == pytest.approx(counted, rel=0.05)
+
+
+def test_zero_layer_gpt2_costs_a_fraction_of_124m():
+    large = GPTConfig()  # 124M, 12 layers
+    small = with_depth(large, 0)
+    ratio = train_flops_per_unit(small) / train_flops_per_unit(large)
+    assert 0.1 < ratio < 0.3  # only the head's matmul remains
+
+
+def test_run_cost_and_savings_planner():
+    large = GPTConfig()
+    rows = plan_savings(large, 0, total_units=10_000_000_000, tau_fracs=[0.0, 0.5, 0.8, 1.0])
+    assert rows[0].flops_fraction == pytest.approx(1.0)
+    s, l = train_flops_per_unit(with_depth(large, 0)), train_flops_per_unit(large)
+    assert rows[2].progressive_flops == pytest.approx(s * 8e9 + l * 2e9)
+    assert rows[2].flops_fraction == pytest.approx((0.8 * s + 0.2 * l) / l)
+    assert rows[1].speedup < rows[2].speedup
+    assert rows[3].flops_fraction == pytest.approx(s / l)
+    assert run_flops(1.0, 3.0, 10, 4) == 4 + 18
+    with pytest.raises(ConfigError):
+        run_flops(1.0, 3.0, 10, 11)
+    with pytest.raises(ConfigError):
+        plan_savings(large, 0, 100, [1.5])

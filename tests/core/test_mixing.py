@@ -1,0 +1,110 @@
+import math
+
+import numpy as np
+import pytest
+
+from progrow_ray.core import ConfigError
+from progrow_ray.core.mixing import MixResult, plan_tau, t_mix
+
+TAU = 2_000
+
+
+def curves(gap0=0.5, scale=3_000.0, n=400, end=40_000, noise=0.0, seed=0):
+    """Fixed: 3 + 4 e^{-t/8000}. Progressive: worse by gap0 e^{-(t - TAU)/scale} after TAU."""
+    t = np.linspace(0, end, n)
+    fixed = 3 + 4 * np.exp(-t / 8000)
+    prog = fixed + np.where(t >= TAU, gap0 * np.exp(-(t - TAU) / scale), 1.0)
+    rng = np.random.default_rng(seed)
+    return t, fixed + noise * rng.standard_normal(n), prog + noise * rng.standard_normal(n)
+
+
+def analytic_t_mix(rel_tol, gap0=0.5, scale=3_000.0):
+    # first t with gap0 e^{-(t-TAU)/scale} <= rel_tol * fixed(t); solve numerically on a fine grid
+    t = np.linspace(TAU, 60_000, 2_000_001)
+    ok = gap0 * np.exp(-(t - TAU) / scale) <= rel_tol * (3 + 4 * np.exp(-t / 8000))
+    return t[np.argmax(ok)] - TAU
+
+
+def test_t_mix_on_curves_with_a_known_crossing():
+    t, fixed, prog = curves()
+    r = t_mix(t, fixed, t, prog, expand_at_tokens=TAU, rel_tol=0.01)
+    assert r.mixed
+    step = t[1] - t[0]
+    assert abs(r.t_mix_tokens - analytic_t_mix(0.01)) <= step
+    assert r.gap_after_mix_rel <= 0.01 and r.last_gap_rel < 0.01
+
+
+def test_window_must_hold_and_be_observed():
+    t, fixed, prog = curves()
+    # a spike right after the crossing resets the window
+    spike = (t > TAU + analytic_t_mix(0.01) + 500) & (t < TAU + analytic_t_mix(0.01) + 700)
+    prog_spiky = prog + 0.3 * spike
+    plain = t_mix(t, fixed, t, prog_spiky, TAU, rel_tol=0.01)
+    windowed = t_mix(t, fixed, t, prog_spiky, TAU, rel_tol=0.01, window_tokens=2_000)
+    assert windowed.t_mix_tokens > plain.t_mix_tokens + 600
+    # a window longer than what was observed after the crossing cannot be confirmed
+    assert not t_mix(t, fixed, t, prog, TAU, rel_tol=0.01, window_tokens=39_000).mixed
+
+
+def test_noisy_curves_need_smoothing():
+    t, fixed, prog = curves(noise=0.05, n=2000)
+    raw = t_mix(t, fixed, t, prog, TAU, rel_tol=0.01, window_tokens=4_000)
+    smooth = t_mix(t, fixed, t, prog, TAU, rel_tol=0.01, window_tokens=4_000, smoothing=0.95)
+    assert smooth.mixed
+    assert abs(smooth.t_mix_tokens - analytic_t_mix(0.01)) < 3_000
+    assert not raw.mixed or raw.t_mix_tokens > smooth.t_mix_tokens
+
+
+def test_curves_that_never_meet_are_not_mixed():
+    t = np.linspace(0, 10_000, 100)
+    fixed = 3 + np.exp(-t / 2000)
+    prog = fixed * 1.05  # a constant 5% gap
+    r = t_mix(t, fixed, t, prog, 500, rel_tol=0.01)
+    assert not r.mixed and r.t_mix_tokens is None
+    assert r.last_gap_rel == pytest.approx(0.05)
+
+
+def test_curves_on_different_token_grids():
+    t, fixed, prog = curves(n=400)
+    t2 = t[::3] + 17.0  # progressive logged less often, at other token counts
+    prog2 = np.interp(t2, t, prog)
+    r = t_mix(t, fixed, t2[:-1], prog2[:-1], TAU, rel_tol=0.01)
+    assert abs(r.t_mix_tokens - analytic_t_mix(0.01)) <= 3 * (t[1] - t[0]) + 17
+
+
+def test_bad_curves():
+    with pytest.raises(ConfigError, match="equal-length"):
+        t_mix([1, 2], [3.0], [1, 2], [3.0, 2.0], 0)
+    with pytest.raises(ConfigError, match="finite"):
+        t_mix([1, 2], [3.0, math.nan], [1, 2], [3.0, 2.0], 0)
+    with pytest.raises(ConfigError, match="share no point"):
+        t_mix([1, 2], [3.0, 2.0], [5, 6], [3.0, 2.0], 5)
+
+
+def mixed(t_mix_tokens, gap=0.004):
+    return MixResult(True, t_mix_tokens, 100 + t_mix_tokens, gap, gap / 2)
+
+
+PLAN = dict(total_tokens=1_000_000, warmup_tokens=20_000, stable_end_tokens=800_000,
+            small_flops_per_token=1.0, large_flops_per_token=10.0)
+
+
+def test_tau_is_stable_end_minus_t_mix_with_flops_and_verdict():
+    p = plan_tau(mixed(100_000), **PLAN)
+    assert p.expand and p.tau_tokens == 700_000
+    expected = (1.0 * 700_000 + 10.0 * 300_000) / (10.0 * 1_000_000)
+    assert p.flops_fraction == pytest.approx(expected)
+    assert "saves 63.0% FLOPs" in p.verdict and "0.40%" in p.verdict
+    with_search = plan_tau(mixed(100_000), search_flops=0.5e6, **PLAN)
+    assert with_search.flops_fraction == pytest.approx(expected + 0.05)
+    assert plan_tau(mixed(100_000), safety=0.5, **PLAN).tau_tokens == 650_000
+
+
+def test_no_saving_cases_train_fixed_size():
+    too_slow = plan_tau(mixed(790_000), **PLAN)
+    assert not too_slow.expand and too_slow.tau_tokens == 0
+    assert too_slow.verdict.startswith("no saving at this horizon") and "780,000" in too_slow.verdict
+    never = plan_tau(MixResult(False, None, None, None, 0.031), **PLAN)
+    assert not never.expand and "did not mix" in never.verdict and "+3.10%" in never.verdict
+    pricey = plan_tau(mixed(100_000), search_flops=1e7, **PLAN)
+    assert not pricey.expand and "search" in pricey.verdict
