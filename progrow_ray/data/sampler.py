@@ -1,0 +1,155 @@
+"""Memory-mapped token shards and a sampler whose order depends only on (seed, sequences consumed).
+
+The global order of training windows is a seeded permutation per epoch. Global step ``s`` takes the
+next ``B`` windows of that order; rank ``r`` of ``W`` takes the ``r``-th contiguous slice of them.
+So the set of sequences in every global batch is the same for any world size, and a run resumed —
+on the same or a different number of workers, with the same or a larger batch — continues exactly
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import numpy as np
+import torch
+
+from ..core.errors import ConfigError, require
+from .prepare import FORMAT, _join, read_meta
+
+
+class CorruptDataError(ConfigError):
+    """A shard does not match meta.json."""
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("PROGROW_CACHE", str(Path.home() / ".cache" / "progrow_ray"))
+
+
+def local_shard_dir(uri: str, meta: dict, cache_dir: str | None) -> str:
+    """``uri`` itself when local; else a local copy of its shards (downloaded once, sha-checked)."""
+    fs, root = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        return root
+    local = Path(cache_dir or default_cache_dir()) / hashlib.sha256(f"{uri}\0{meta['fingerprint']}".encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            target = local / shard["file"]
+            if target.exists() and _file_sha256(str(target)) == shard["sha256"]:
+                continue
+            tmp = target.with_suffix(".part")
+            fs.get(_join(root, shard["file"]), str(tmp))
+            os.replace(tmp, target)
+    return str(local)
+
+
+class TokenShards:
+    """One split (train / val) of a prepared dataset, as a single virtual token array."""
+
+    def __init__(self, uri: str, split: str, verify: bool = True, cache_dir: str | None = None):
+        meta = read_meta(uri)
+        if meta is None:
+            raise ConfigError(f"data.uri {uri}: no prepared data (meta.json missing); run "
+                              f"`python -m progrow_ray.data prepare --source SOURCE --out {uri}`")
+        require(meta.get("format") == FORMAT, f"data.uri {uri}: unknown format {meta.get('format')!r}")
+        require(split in meta["splits"], f"data.uri {uri}: no split {split!r}")
+        self.meta, self.split = meta, split
+        root = local_shard_dir(uri, meta, cache_dir)
+        self.arrays: list[np.ndarray] = []
+        for shard in meta["splits"][split]["shards"]:
+            path = os.path.join(root, shard["file"])
+            if not os.path.exists(path):
+                raise CorruptDataError(f"data.uri {uri}: shard {shard['file']} is missing; re-run prepare")
+            if verify and _file_sha256(path) != shard["sha256"]:
+                raise CorruptDataError(f"data.uri {uri}: shard {shard['file']} does not match its sha256 in "
+                                       "meta.json (corrupted or partially written); re-run prepare")
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            if arr.dtype != np.uint16 or arr.ndim != 1 or len(arr) != shard["tokens"]:
+                raise CorruptDataError(f"data.uri {uri}: shard {shard['file']} has the wrong shape or dtype")
+            self.arrays.append(arr)
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length), across shard boundaries."""
+        out, pos, i = [], start, int(np.searchsorted(self.starts, start, side="right") - 1)
+        while length > 0:
+            a = self.arrays[i]
+            off = pos - int(self.starts[i])
+            take = min(length, len(a) - off)
+            out.append(a[off: off + take])
+            pos, length, i = pos + take, length - take, i + 1
+        return np.concatenate(out) if len(out) > 1 else np.asarray(out[0])
+
+
+def _to_batch(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    data = torch.from_numpy(np.stack(windows).astype(np.int64))
+    return data[:, :-1], data[:, 1:]
+
+
+class SequenceSampler:
+    """Training windows of ``seq_len + 1`` tokens in a seeded order; state = sequences consumed."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, seed: int):
+        self.shards, self.seq_len, self.seed = shards, seq_len, seed
+        self.n_windows = (len(shards) - 1) // seq_len
+        require(self.n_windows >= 1, f"the train split has {len(shards)} tokens, fewer than one sequence of "
+                                     f"data.seq_len={seq_len}; lower data.seq_len or add data")
+        self.consumed = 0
+
+    @lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
+    def _window(self, global_index: int) -> np.ndarray:
+        epoch, i = divmod(global_index, self.n_windows)
+        start = int(self._order(epoch)[i]) * self.seq_len
+        return self.shards.window(start, self.seq_len + 1)
+
+    def next_batch(self, global_sequences: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the next global batch; every rank advances by the global amount."""
+        require(global_sequences % world_size == 0, "global batch must divide over the workers")
+        per_rank = global_sequences // world_size
+        first = self.consumed + rank * per_rank
+        self.consumed += global_sequences
+        return _to_batch([self._window(first + j) for j in range(per_rank)])
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "seq_len": self.seq_len, "consumed_sequences": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        require(state["seed"] == self.seed and state["seq_len"] == self.seq_len,
+                f"checkpoint sampler (seed {state['seed']}, seq_len {state['seq_len']}) does not match the run "
+                f"(seed {self.seed}, seq_len {self.seq_len})")
+        self.consumed = int(state["consumed_sequences"])
+
+
+def eval_batches(shards: TokenShards, seq_len: int, max_tokens: int, micro_batch: int,
+                 rank: int = 0, world_size: int = 1):
+    """A fixed set of validation windows spread over the split; rank ``r`` takes every W-th."""
+    n_available = (len(shards) - 1) // seq_len
+    require(n_available >= 1, f"the val split is shorter than one sequence of data.seq_len={seq_len}")
+    n = max(1, min(n_available, max_tokens // seq_len))
+    starts = [(k * n_available // n) * seq_len for k in range(n)][rank::world_size]
+    for i in range(0, len(starts), micro_batch):
+        yield _to_batch([shards.window(s, seq_len + 1) for s in starts[i: i + micro_batch]])

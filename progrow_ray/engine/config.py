@@ -1,0 +1,287 @@
+"""Run configuration: typed sections, strict YAML loading and ``--set key=value`` overrides.
+
+One ``RunConfig`` describes one fixed-size or progressive run; the Ray pipeline adds its own
+sections on top. Every mistake is a ``ConfigError`` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..core.errors import ConfigError, require
+from ..core.flops import with_depth
+from ..core.growth import check_expansion
+from ..core.models import MODELS, make_config
+from ..core.schedule import make_schedule
+
+
+@dataclass(frozen=True)
+class GrowthSection:
+    enabled: bool = True  # False: a fixed-size run of the target model
+    source_depth: Any = 0  # int (language models) or 4 ints (ResNet)
+    method: str = "random"
+    tau_frac: float | None = 0.8  # expansion point as a fraction of train.total_tokens ...
+    tau_tokens: int | None = None  # ... or in tokens (wins when set)
+    batch_tokens_after: int | None = None  # global batch after τ (default: train.batch_tokens)
+    copy_optimizer_state: bool = False
+
+
+@dataclass(frozen=True)
+class DataSection:
+    source: str = "stdlib"  # what `prepare` reads: stdlib | dir | glob | s3://...
+    uri: str = "data/stdlib-gpt2"  # prepared token shards: local path or s3://
+    seq_len: int = 256
+    val_fraction: float = 0.02
+    max_source_bytes: int | None = None  # cap on raw text read by `prepare` (None: all)
+    verify: bool = True  # check shard sha256 against meta.json on open
+    cache_dir: str | None = None  # local copy of remote shards (default ~/.cache/progrow_ray)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    total_tokens: int = 1_000_000
+    batch_tokens: int = 16_384  # global batch, in tokens, before τ
+    micro_batch: int = 8  # sequences per rank per micro-step (gradient accumulation fills the rest)
+    eval_every_tokens: int = 200_000
+    eval_tokens: int = 65_536
+    log_every: int = 10
+    checkpoint_every_tokens: int | None = None
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+    name: str = "muon_nsgd"
+    lr: float = 0.01
+    weight_decay: float = 0.1
+    momentum: float = 0.95
+    betas: tuple[float, float] = (0.9, 0.95)
+    ns_steps: int = 5
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    name: str = "wsd"
+    warmup_frac: float = 0.02
+    decay_frac: float = 0.2
+    decay_shape: str = "linear"
+    final_frac: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    out: str = "runs"  # local dir or s3:// for checkpoints
+    model: dict = field(default_factory=lambda: {"kind": "gpt", "n_layer": 4})
+    growth: GrowthSection = GrowthSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection()
+
+    # ---- derived ------------------------------------------------------------------------------
+    def target_model_config(self):
+        fields = {k: v for k, v in self.model.items() if k != "kind"}
+        if self.model.get("kind", "gpt") != "resnet":
+            fields.setdefault("block_size", self.data.seq_len)
+        return make_config(self.model.get("kind", "gpt"), **fields)
+
+    def source_model_config(self):
+        target = self.target_model_config()
+        return with_depth(target, self.growth.source_depth) if self.growth.enabled else target
+
+    @property
+    def tau_tokens(self) -> int | None:
+        """Expansion point in tokens; None for a fixed-size run."""
+        if not self.growth.enabled:
+            return None
+        if self.growth.tau_tokens is not None:
+            return self.growth.tau_tokens
+        return int(self.growth.tau_frac * self.train.total_tokens)
+
+    def schedule_fn(self):
+        s = self.schedule
+        return make_schedule(s.name, self.train.total_tokens, s.warmup_frac, s.decay_frac, s.decay_shape, s.final_frac)
+
+    def validate(self, world_size: int = 1) -> "RunConfig":
+        t, g, d = self.train, self.growth, self.data
+        require(self.name and "/" not in self.name, f"name must be non-empty without '/', got {self.name!r}")
+        for key in ("total_tokens", "batch_tokens", "micro_batch", "eval_every_tokens", "eval_tokens", "log_every"):
+            require(getattr(t, key) > 0, f"train.{key} must be > 0, got {getattr(t, key)}")
+        require(d.seq_len > 0, f"data.seq_len must be > 0, got {d.seq_len}")
+        require(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+        require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
+        require(t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
+        require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+        require(t.checkpoint_every_tokens is None or t.checkpoint_every_tokens > 0,
+                "train.checkpoint_every_tokens must be > 0 or null")
+        check_batch(t.batch_tokens, world_size, t.micro_batch, d.seq_len, "train.batch_tokens")
+        target = self.target_model_config()
+        require(getattr(target, "block_size", d.seq_len) >= d.seq_len,
+                f"data.seq_len ({d.seq_len}) exceeds model.block_size ({getattr(target, 'block_size', None)})")
+        schedule = self.schedule_fn()
+        if g.enabled:
+            require(g.tau_tokens is not None or (g.tau_frac is not None and 0 <= g.tau_frac <= 1),
+                    f"growth.tau_frac must be in [0, 1] (or set growth.tau_tokens), got {g.tau_frac}")
+            tau = self.tau_tokens
+            require(0 <= tau <= schedule.stable_end_tokens,
+                    f"growth tau ({tau:,} tokens) is beyond the decay start ({schedule.stable_end_tokens:,.0f}): "
+                    "expand during warmup or the stable phase (paper §5.2), lower growth.tau_frac")
+            if g.batch_tokens_after is not None:
+                require(g.batch_tokens_after >= t.batch_tokens,
+                        f"growth.batch_tokens_after ({g.batch_tokens_after}) must be >= train.batch_tokens ({t.batch_tokens})")
+            self.check_growth()
+        return self
+
+    def check_growth(self) -> None:
+        """Source depth / method against the target (Table 2), without building any weights."""
+        target, source = self.target_model_config(), self.source_model_config()
+        with torch.device("meta"):  # depth groups only: no memory, no init cost
+            model = MODELS[self.model.get("kind", "gpt")][1](source)
+        target_depth = list(target.blocks) if hasattr(target, "blocks") else target.n_layer
+        check_expansion(model, target_depth, self.growth.method)
+
+
+def check_batch(batch_tokens: int, world_size: int, micro_batch: int, seq_len: int, key: str) -> int:
+    """Gradient-accumulation steps for a global batch; it must split evenly over ranks and micro-batches."""
+    per_micro = world_size * micro_batch * seq_len
+    require(batch_tokens % per_micro == 0,
+            f"{key} ({batch_tokens}) must be a multiple of workers x train.micro_batch x data.seq_len "
+            f"= {world_size} x {micro_batch} x {seq_len} = {per_micro}; e.g. {max(1, round(batch_tokens / per_micro)) * per_micro}")
+    return batch_tokens // per_micro
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        require(isinstance(value, (list, tuple)), f"{key} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        require(len(value) == len(args), f"{key} must have {len(args)} items, got {len(value)}")
+        return tuple(_check_type(v, a, key) for v, a in zip(value, args))
+    if tp is dict:
+        require(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        require(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        require(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        require(isinstance(value, str), f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    require(isinstance(data, dict), f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known under "
+                          f"{prefix.rstrip('.') or 'top level'}: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value or {}, key + ".")
+        else:
+            kwargs[name] = _check_type(value, tp, key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    out = dataclasses.asdict(cfg)
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(out)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["train.total_tokens=1e6", "model.n_layer=2"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for pair in pairs:
+        require("=" in pair, f"--set takes key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        if isinstance(value, float) and value.is_integer() and ("e" in raw.lower()):
+            value = int(value)  # 1e6 tokens -> 1000000
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            require(isinstance(node, dict), f"--set {key}: {p} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict) and k != "model":
+            merged[k] = deep_merge(merged[k], v)
+        elif isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = {**merged[k], **v}
+        else:
+            merged[k] = v
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    require(p.is_file(), f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    require(isinstance(data, dict), f"--config {path}: the top level must be a mapping")
+    return data
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                    cls=RunConfig, world_size: int = 1):
+    data = read_yaml(path) if path else {}
+    data = deep_merge(data, parse_overrides(overrides or []))
+    cfg = from_dict(cls, data)
+    return cfg.validate(world_size=world_size) if hasattr(cfg, "validate") else cfg
+

@@ -1,0 +1,335 @@
+"""The training loop for fixed-size and progressive runs, in one process or one DDP rank.
+
+Everything is indexed by tokens: the schedule position, the expansion point τ, evaluation and
+checkpoint cadence. So phase 2 may run on more workers with a larger global batch and continue
+exactly where phase 1 stopped. No Ray here: the Ray layer passes hooks (``wrap_model``,
+``save_checkpoint``, ``on_metrics``) and otherwise runs this same loop on every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..core.errors import require
+from ..core.flops import train_flops_per_unit
+from ..core.growth import expand_depth
+from ..core.models import build_model, make_config, model_kind
+from ..core.optim import build_optimizer, set_lr
+from ..core.schedule import step_lr
+from ..data.sampler import SequenceSampler, TokenShards, eval_batches
+from .checkpoint import CheckpointManager
+from .config import RunConfig, check_batch, to_dict
+
+MetricsFn = Callable[[dict], None]
+SaveFn = Callable[["Trainer", dict], "str | None"]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    expanded: bool = False
+    expanded_at_tokens: int | None = None
+    growth: list = field(default_factory=list)
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_loss_tokens: int | None = None
+
+
+def model_state(model) -> dict:
+    return {"kind": model_kind(model.config), **{k: (list(v) if isinstance(v, tuple) else v)
+                                                 for k, v in dataclasses.asdict(model.config).items()}}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        require(torch.cuda.is_available(), "train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        index = dist.get_rank() % torch.cuda.device_count() if dist.is_initialized() else torch.cuda.current_device()
+        return torch.device("cuda", index)
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, device: torch.device | None = None,
+                 wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 save_checkpoint: SaveFn | None = None, resume: dict | None = None,
+                 on_metrics: MetricsFn | None = None, log: Callable[[str], None] = print):
+        self.cfg, self.log, self.on_metrics = cfg, log, on_metrics
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        cfg.validate(world_size=self.world)
+        if cfg.growth.enabled and cfg.growth.batch_tokens_after:
+            check_batch(cfg.growth.batch_tokens_after, self.world, cfg.train.micro_batch, cfg.data.seq_len,
+                        "growth.batch_tokens_after")
+        self.device = device or resolve_device(cfg.train.device)
+        self.wrap_model = wrap_model
+        self.save_fn = save_checkpoint
+        self.schedule = cfg.schedule_fn()
+        self.seq_len = cfg.data.seq_len
+
+        self.train_data = TokenShards(cfg.data.uri, "train", cfg.data.verify, cfg.data.cache_dir)
+        self.val_data = TokenShards(cfg.data.uri, "val", cfg.data.verify, cfg.data.cache_dir)
+        self.sampler = SequenceSampler(self.train_data, self.seq_len, cfg.train.seed)
+        self.progress = Progress()
+        torch.manual_seed(cfg.train.seed)  # same init on every rank
+
+        if resume is not None:
+            state = resume["state.json"]
+            model_fields = dict(state["model"])
+            model_config = make_config(model_fields.pop("kind"), **model_fields)
+        else:
+            model_config = cfg.source_model_config() if self._expands_later() else cfg.target_model_config()
+        vocab = getattr(model_config, "vocab_size", None)
+        require(vocab is None or vocab >= self.train_data.vocab_size,
+                f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({self.train_data.vocab_size})")
+        self.model = build_model(model_config).to(self.device)
+        self.optimizer = self._build_optimizer()
+        if resume is not None:
+            self._restore(resume)
+        self._prepare_step_model()
+        self._interval_loss = torch.zeros((), device=self.device)
+        self._interval_steps = 0
+        self._interval_start = time.perf_counter()
+        self._interval_tokens = self.progress.tokens
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def _expands_later(self) -> bool:
+        return self.cfg.growth.enabled and not self.progress.expanded
+
+    def _build_optimizer(self):
+        o = self.cfg.optimizer
+        return build_optimizer(self.model, o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                               betas=tuple(o.betas), ns_steps=o.ns_steps)
+
+    def _prepare_step_model(self) -> None:
+        """The module the step calls: DDP / Ray-wrapped, then compiled. Redone after expansion."""
+        m = self.model
+        if self.wrap_model is not None:
+            m = self.wrap_model(m)
+        elif self.distributed:
+            m = torch.nn.parallel.DistributedDataParallel(
+                m, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.train.compile:
+            m = torch.compile(m)
+        self.step_model = m
+
+    def _autocast(self):
+        dtype = self.cfg.train.dtype
+        if self.device.type == "cuda" and dtype in ("auto", "bfloat16"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- state ----------------------------------------------------------------------------------
+    def checkpoint_files(self) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model.pt": self.model.state_dict(),
+            "optimizer.pt": self.optimizer.state_dict(),
+            "rng.pt": rng,
+            "state.json": {
+                "progress": dataclasses.asdict(self.progress),
+                "sampler": self.sampler.state_dict(),
+                "model": model_state(self.model),
+                "config": to_dict(self.cfg),
+                "world_size": self.world,
+            },
+        }
+
+    def _restore(self, files: dict) -> None:
+        state = files["state.json"]
+        self.progress = Progress(**state["progress"])
+        self.model.load_state_dict(files["model.pt"])
+        self.optimizer.load_state_dict(files["optimizer.pt"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(files["rng.pt"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in files["rng.pt"]:
+            torch.cuda.set_rng_state(files["rng.pt"]["cuda"], self.device)
+
+    def save(self, reason: str = "periodic") -> str | None:
+        """Checkpoint through the hook (Ray) or the run's own CheckpointManager (rank 0 writes)."""
+        self._check_finite()
+        files = self.checkpoint_files()
+        if self.save_fn is not None:
+            return self.save_fn(self, files)
+        if self.rank != 0:
+            return None
+        return default_manager(self.cfg, self.log).save(self.progress.step, files)
+
+    # ---- schedule -------------------------------------------------------------------------------
+    @property
+    def batch_tokens(self) -> int:
+        g = self.cfg.growth
+        if self.progress.expanded and g.batch_tokens_after:
+            return g.batch_tokens_after
+        return self.cfg.train.batch_tokens
+
+    @property
+    def depth(self):
+        cfg = self.model.config
+        return list(cfg.blocks) if hasattr(cfg, "blocks") else cfg.n_layer
+
+    def _maybe_expand(self) -> None:
+        cfg = self.cfg
+        if not self._expands_later() or self.progress.tokens < cfg.tau_tokens:
+            return
+        target = cfg.target_model_config()
+        target_depth = list(target.blocks) if hasattr(target, "blocks") else target.n_layer
+        record = expand_depth(self.model, target_depth, cfg.growth.method, optimizer=self.optimizer,
+                              copy_optimizer_state=cfg.growth.copy_optimizer_state,
+                              generator_seed=cfg.train.seed * 1_000_003 + 17)
+        self.progress.expanded = True
+        self.progress.expanded_at_tokens = self.progress.tokens
+        self.progress.growth.append({**record.to_dict(), "tokens": self.progress.tokens, "step": self.progress.step})
+        self._prepare_step_model()
+        self.log(f"expanded depth {record.source_depths} -> {record.target_depths} ({cfg.growth.method}) at "
+                 f"{self.progress.tokens:,} tokens; global batch now {self.batch_tokens:,} tokens")
+        self._emit({"event": "expand", "source_depth": record.source_depths, "target_depth": record.target_depths,
+                    "new_parameters": record.new_parameters})
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def train_step(self) -> None:
+        batch_tokens = self.batch_tokens
+        micro = self.cfg.train.micro_batch
+        accum = check_batch(batch_tokens, self.world, micro, self.seq_len, "global batch")
+        set_lr(self.optimizer, step_lr(self.schedule, self.cfg.optimizer.lr, self.progress.tokens, batch_tokens))
+        x_all, y_all = self.sampler.next_batch(batch_tokens // self.seq_len, self.rank, self.world)
+        pin = self.device.type == "cuda"
+        loss_sum = torch.zeros((), device=self.device)
+        for i in range(accum):
+            x = x_all[i * micro:(i + 1) * micro]
+            y = y_all[i * micro:(i + 1) * micro]
+            if pin:
+                x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            last = i == accum - 1
+            no_sync = getattr(self.step_model, "no_sync", None)
+            sync_ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+            with sync_ctx:
+                with self._autocast():
+                    _, loss = self.step_model(x, y)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step += 1
+        self.progress.tokens += batch_tokens
+        self.progress.flops += train_flops_per_unit(self.model.config, seq_len=self.seq_len) * batch_tokens
+        self._interval_loss += loss_sum / accum
+        self._interval_steps += 1
+
+    def _check_finite(self) -> None:
+        if self._interval_steps and not torch.isfinite(self._interval_loss).item():
+            raise NonFiniteLossError(
+                f"non-finite training loss by step {self.progress.step} ({self.progress.tokens:,} tokens): "
+                "stopped; the last good checkpoint is kept. Lower optimizer.lr or check the data.")
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.distributed:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return value.item()
+
+    def _log_interval(self) -> None:
+        self._check_finite()
+        now = time.perf_counter()
+        loss = self._mean_over_ranks(self._interval_loss / max(self._interval_steps, 1))
+        self.progress.train_loss = loss
+        seconds = now - self._interval_start
+        metrics = {"event": "train", "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                   "batch_tokens": self.batch_tokens,
+                   "tokens_per_s": (self.progress.tokens - self._interval_tokens) / max(seconds, 1e-9)}
+        router = getattr(self.model, "router_metrics", None)
+        if router is not None:
+            metrics.update(router())
+        self._emit(metrics)
+        self._interval_loss.zero_()
+        self._interval_steps, self._interval_start, self._interval_tokens = 0, now, self.progress.tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for x, y in eval_batches(self.val_data, self.seq_len, self.cfg.train.eval_tokens, self.cfg.train.micro_batch,
+                                 self.rank, self.world):
+            with self._autocast():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            total += torch.tensor([loss.item() * x.numel(), x.numel()], device=self.device, dtype=torch.float64)
+        if self.distributed:
+            dist.all_reduce(total)
+        self.model.train()
+        val = (total[0] / total[1]).item()
+        require(math.isfinite(val), f"non-finite validation loss at {self.progress.tokens:,} tokens")
+        self.progress.val_loss, self.progress.val_loss_tokens = val, self.progress.tokens
+        self._emit({"event": "eval", "val_loss": val})
+        return val
+
+    def _emit(self, metrics: dict) -> None:
+        if self.on_metrics is not None:
+            p = self.progress
+            self.on_metrics({"step": p.step, "tokens": p.tokens, "flops": p.flops, "depth": self.depth, **metrics})
+
+    # ---- loop -----------------------------------------------------------------------------------
+    def run(self, until_tokens: int | None = None, progress_bar: bool = False) -> dict:
+        """Train until ``until_tokens`` (a phase boundary) or the end; checkpoint when stopping."""
+        cfg, p = self.cfg, self.progress
+        stop = cfg.train.total_tokens if until_tokens is None else min(until_tokens, cfg.train.total_tokens)
+        bar = None
+        if progress_bar and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=stop, initial=min(p.tokens, stop), unit="tok", unit_scale=True, desc=cfg.name)
+        started = time.perf_counter()
+        while p.tokens < stop:
+            self._maybe_expand()
+            before = p.tokens
+            self.train_step()
+            if bar is not None:
+                bar.update(p.tokens - before)
+                bar.set_postfix(depth=self.depth, loss=p.train_loss, refresh=False)
+            if p.step % cfg.train.log_every == 0 or p.tokens >= stop:
+                self._log_interval()
+            if crossed(before, p.tokens, cfg.train.eval_every_tokens) or p.tokens >= cfg.train.total_tokens:
+                self.evaluate()
+            every = cfg.train.checkpoint_every_tokens
+            if every and crossed(before, p.tokens, every) and p.tokens < stop:
+                self.save("periodic")
+        if bar is not None:
+            bar.close()
+        if p.tokens >= cfg.train.total_tokens and p.val_loss_tokens != p.tokens:
+            self.evaluate()
+        checkpoint = self.save("end" if p.tokens >= cfg.train.total_tokens else "phase")
+        return {**dataclasses.asdict(p), "depth": self.depth, "checkpoint": checkpoint,
+                "wall_s": time.perf_counter() - started, "finished": p.tokens >= cfg.train.total_tokens}
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    return after // every > before // every
+
+
+def run_dir(cfg: RunConfig) -> str:
+    return f"{cfg.out.rstrip('/')}/{cfg.name}"
+
+
+def default_manager(cfg: RunConfig, log=print) -> CheckpointManager:
+    return CheckpointManager(f"{run_dir(cfg)}/checkpoints", keep=cfg.train.keep_checkpoints, log=log)
+
