@@ -8,7 +8,6 @@ exactly where phase 1 stopped. No Ray here: the Ray layer passes hooks (``wrap_m
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -27,6 +26,7 @@ from ..core.schedule import step_lr
 from ..data.sampler import SequenceSampler, TokenShards, eval_batches
 from .checkpoint import CheckpointManager
 from .config import RunConfig, check_batch, to_dict
+from .step import autocast_for, train_step
 
 MetricsFn = Callable[[dict], None]
 SaveFn = Callable[["Trainer", dict], "str | None"]
@@ -130,12 +130,7 @@ class Trainer:
         self.step_model = m
 
     def _autocast(self):
-        dtype = self.cfg.train.dtype
-        if self.device.type == "cuda" and dtype in ("auto", "bfloat16"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        if dtype == "bfloat16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.device, self.cfg.train.dtype)
 
     # ---- state ----------------------------------------------------------------------------------
     def checkpoint_files(self) -> dict[str, Any]:
@@ -209,31 +204,13 @@ class Trainer:
     # ---- steps ----------------------------------------------------------------------------------
     def train_step(self) -> None:
         batch_tokens = self.batch_tokens
-        micro = self.cfg.train.micro_batch
-        accum = check_batch(batch_tokens, self.world, micro, self.seq_len, "global batch")
+        accum = check_batch(batch_tokens, self.world, self.cfg.train.micro_batch, self.seq_len, "global batch")
         set_lr(self.optimizer, step_lr(self.schedule, self.cfg.optimizer.lr, self.progress.tokens, batch_tokens))
-        x_all, y_all = self.sampler.next_batch(batch_tokens // self.seq_len, self.rank, self.world)
-        pin = self.device.type == "cuda"
-        loss_sum = torch.zeros((), device=self.device)
-        for i in range(accum):
-            x = x_all[i * micro:(i + 1) * micro]
-            y = y_all[i * micro:(i + 1) * micro]
-            if pin:
-                x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-            last = i == accum - 1
-            no_sync = getattr(self.step_model, "no_sync", None)
-            sync_ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
-            with sync_ctx:
-                with self._autocast():
-                    _, loss = self.step_model(x, y)
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        x, y = self.sampler.next_batch(batch_tokens // self.seq_len, self.rank, self.world)
+        self._interval_loss += train_step(self.step_model, self.optimizer, x, y, accum, self.device, self._autocast)
         self.progress.step += 1
         self.progress.tokens += batch_tokens
         self.progress.flops += train_flops_per_unit(self.model.config, seq_len=self.seq_len) * batch_tokens
-        self._interval_loss += loss_sum / accum
         self._interval_steps += 1
 
     def _check_finite(self) -> None:

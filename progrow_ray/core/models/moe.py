@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import require
-from .gpt import GPT, MLP, Block, GPTConfig
+from .gpt import GPT, MLP, Block, GPTConfig, dropout
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class MoEMLP(nn.Module):
         self.router = nn.Linear(d, E, bias=False)
         self.w_fc = nn.Parameter(torch.empty(E, d, h))
         self.w_proj = nn.Parameter(torch.empty(E, h, d))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.expert_fraction: torch.Tensor | None = None  # share of assignments per expert (metrics)

@@ -1,0 +1,67 @@
+import numpy as np
+import torch
+
+from progrow_ray.data.sampler import SequenceSampler, TokenShards, eval_batches
+
+
+def test_window_spans_shards(text_corpus, tmp_path):
+    from progrow_ray.data.prepare import PrepareSettings, prepare
+
+    prepare(str(text_corpus), str(tmp_path / "small"), PrepareSettings(val_fraction=0.2, shard_tokens=5000),
+            progress=False, log=lambda _: None)
+    shards = TokenShards(str(tmp_path / "small"), "train")
+    assert len(shards.arrays) > 3
+    flat = np.concatenate(shards.arrays)
+    for start in (0, 17, 4990, 9999, len(flat) - 40):
+        assert np.array_equal(shards.window(start, 33), flat[start:start + 33])
+
+
+def test_global_batches_do_not_depend_on_world_size(prepared):
+    shards = TokenShards(prepared, "train")
+    single = SequenceSampler(shards, 32, seed=5)
+    ranks = [SequenceSampler(shards, 32, seed=5) for _ in range(4)]
+    for _ in range(3):
+        x1, y1 = single.next_batch(8)
+        parts = [s.next_batch(8, rank=r, world_size=4) for r, s in enumerate(ranks)]
+        assert torch.equal(x1, torch.cat([p[0] for p in parts]))
+        assert torch.equal(y1[:, :-1], x1[:, 1:])  # targets are inputs shifted by one
+    assert all(s.consumed == single.consumed == 24 for s in ranks)
+
+
+def test_resume_and_reshard_continue_exactly(prepared):
+    shards = TokenShards(prepared, "train")
+    full = SequenceSampler(shards, 32, seed=1)
+    expected = [full.next_batch(8)[0] for _ in range(5)]
+    first = SequenceSampler(shards, 32, seed=1)
+    first.next_batch(8)
+    first.next_batch(8)
+    state = first.state_dict()
+    # resume on 2 workers with a 2x larger batch: the next 16 sequences are batches 3 and 4
+    a, b = SequenceSampler(shards, 32, seed=1), SequenceSampler(shards, 32, seed=1)
+    a.load_state_dict(state)
+    b.load_state_dict(state)
+    xa, _ = a.next_batch(16, rank=0, world_size=2)
+    xb, _ = b.next_batch(16, rank=1, world_size=2)
+    assert torch.equal(torch.cat([xa, xb]), torch.cat(expected[2:4]))
+
+
+def test_epochs_reshuffle_and_cover_every_window(prepared):
+    shards = TokenShards(prepared, "train")
+    s = SequenceSampler(shards, 256, seed=0)
+    n = s.n_windows
+    assert sorted(s._order(0).tolist()) == list(range(n))  # each epoch visits every window once
+    flat = np.concatenate(shards.arrays)
+    for k in range(n + 2):  # into the second epoch
+        x, _ = s.next_batch(1)
+        start = int(s._order(k // n)[k % n]) * 256
+        assert np.array_equal(x[0].numpy(), flat[start:start + 256])
+    assert not np.array_equal(s._order(0), s._order(1))
+    assert SequenceSampler(shards, 256, seed=1)._order(0).tolist() != s._order(0).tolist()
+
+
+def test_eval_windows_are_fixed_and_split_over_ranks(prepared):
+    shards = TokenShards(prepared, "val")
+    whole = torch.cat([x for x, _ in eval_batches(shards, 32, 1024, 4)])
+    assert whole.shape == (32, 32)
+    parts = [torch.cat([x for x, _ in eval_batches(shards, 32, 1024, 4, rank=r, world_size=2)]) for r in range(2)]
+    assert sorted(map(tuple, torch.cat(parts).tolist())) == sorted(map(tuple, whole.tolist()))

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+
+from progrow_ray.engine.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
+
+from ..s3 import make_bucket, s3_endpoint  # noqa: F401
+
+
+def files(step: int) -> dict:
+    return {"model.pt": {"w": torch.full((3,), float(step))}, "state.json": {"step": step}}
+
+
+def test_round_trip_and_atomic_layout(tmp_path):
+    uri = write_checkpoint(str(tmp_path / "ck"), files(1))
+    loaded = read_checkpoint(uri)
+    assert torch.equal(loaded["model.pt"]["w"], torch.ones(3)) and loaded["state.json"] == {"step": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # temp dir renamed away
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.pt", "state.json"}
+
+
+def test_corrupted_and_partial_checkpoints_are_detected(tmp_path):
+    uri = write_checkpoint(str(tmp_path / "ck"), files(1))
+    p = tmp_path / "ck" / "model.pt"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_checkpoint(uri)
+    (tmp_path / "ck" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        read_checkpoint(uri)
+
+
+class Payload:  # stands for any object whose unpickling could run code
+    pass
+
+
+def test_only_tensors_load(tmp_path):
+    """weights_only=True: a pickled object that is not plain tensors/containers is refused."""
+    uri = write_checkpoint(str(tmp_path / "ck"), {"evil.pt": {"x": torch.ones(1)}})
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"obj": Payload()}, buf)
+    (tmp_path / "ck" / "evil.pt").write_bytes(buf.getvalue())
+    m = tmp_path / "ck" / "manifest.json"
+    manifest = json.loads(m.read_text())
+    manifest["files"]["evil.pt"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    m.write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        read_checkpoint(uri)
+
+
+def test_manager_keeps_newest_and_skips_a_corrupt_one(tmp_path):
+    logs = []
+    m = CheckpointManager(str(tmp_path / "run"), keep=2, log=logs.append)
+    for step in (10, 20, 30):
+        m.save(step, files(step))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["step_00000020", "step_00000030"]
+    (tmp_path / "run" / "step_00000030" / "state.json").write_text('{"step": 999}')
+    uri, loaded = m.load_latest()
+    assert uri.endswith("step_00000020") and loaded["state.json"]["step"] == 20
+    assert "skipping" in logs[0] and "step_00000030" in logs[0]
+    assert CheckpointManager(str(tmp_path / "none")).load_latest() is None
+
+
+@pytest.mark.cluster
+def test_checkpoints_on_s3(s3_endpoint):  # noqa: F811
+    fs = make_bucket("ckpt")
+    m = CheckpointManager("s3://ckpt/run1", keep=1)
+    m.save(1, files(1))
+    m.save(2, files(2))
+    assert fs.ls("ckpt/run1") == ["ckpt/run1/step_00000002"]
+    uri, loaded = m.load_latest()
+    assert uri == "s3://ckpt/run1/step_00000002" and loaded["state.json"]["step"] == 2
+    fs.rm("ckpt/run1/step_00000002/manifest.json")  # a save cut off before its manifest
+    assert m.load_latest() is None

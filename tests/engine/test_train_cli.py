@@ -1,0 +1,71 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import BASE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_config(path: Path, corpus: Path, data_uri: str, out: Path) -> Path:
+    cfg = json.loads(json.dumps(BASE))
+    cfg["out"] = str(out)
+    cfg["data"].update(source=str(corpus), uri=data_uri, val_fraction=0.15)
+    cfg["train"].update(total_tokens=16384, checkpoint_every_tokens=2048)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def per_step_losses(run_dir: Path) -> dict[int, float]:
+    last = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        if e["event"] == "train":
+            last[e["step"]] = e["train_loss"]  # a resumed run re-logs the steps after its checkpoint
+    return last
+
+
+def train(config: Path, *extra: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "progrow_ray.train", "--config", str(config), "--no-progress", *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_losses(text_corpus, prepared, tmp_path):
+    full_cfg = write_config(tmp_path / "full.yaml", text_corpus, prepared, tmp_path / "full")
+    p = train(full_cfg)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert "summary:" in out and "final val loss" in out
+
+    cfg = write_config(tmp_path / "kill.yaml", text_corpus, prepared, tmp_path / "kill")
+    p = train(cfg)
+    ckpts = tmp_path / "kill" / "t" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(ckpts.glob("step_*/manifest.json")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGKILL)  # no clean-up, no final checkpoint
+    p.wait()
+    first = per_step_losses(tmp_path / "kill" / "t")
+    assert 0 < max(first) < 32, "killed before the end"
+    p = train(cfg)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert "resuming from" in out
+    assert per_step_losses(tmp_path / "kill" / "t") == per_step_losses(tmp_path / "full" / "t")
+
+
+def test_bad_config_is_one_line_and_exit_2(tmp_path, prepared, text_corpus):
+    cfg = write_config(tmp_path / "c.yaml", text_corpus, prepared, tmp_path / "o")
+    p = train(cfg, "--set", "growth.tau_frac=0.95")
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert out.strip().startswith("error: growth tau") and out.strip().count("\n") == 0
+    assert not (tmp_path / "o").exists()  # nothing written

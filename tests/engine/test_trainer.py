@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+
+from progrow_ray.core import ConfigError
+from progrow_ray.core.schedule import step_lr
+from progrow_ray.engine import NonFiniteLossError, Trainer, read_checkpoint
+from progrow_ray.engine.trainer import default_manager
+
+from .conftest import make_cfg
+
+
+def losses_of(events):
+    return [(e["step"], e["train_loss"]) for e in events if e["event"] == "train"]
+
+
+def run(cfg, until=None, resume=None):
+    events = []
+    t = Trainer(cfg, resume=resume, on_metrics=events.append, log=lambda _: None)
+    result = t.run(until_tokens=until)
+    return t, result, events
+
+
+def test_progressive_run_expands_at_tau_and_changes_batch(prepared, tmp_path):
+    cfg = make_cfg(prepared, str(tmp_path), growth={"tau_frac": 0.375, "batch_tokens_after": 1024})
+    t, result, events = run(cfg)
+    # τ = 3072 tokens = 6 steps of 512; then 5 steps of 1024 reach 8192
+    expand = [e for e in events if e["event"] == "expand"]
+    assert len(expand) == 1 and expand[0]["tokens"] == 3072 and expand[0]["step"] == 6
+    assert result["expanded_at_tokens"] == 3072 and result["depth"] == 2 and result["step"] == 11
+    assert result["tokens"] == 8192 and math.isfinite(result["val_loss"])
+    trains = [e for e in events if e["event"] == "train"]
+    assert [e["depth"] for e in trains] == [0] * 6 + [2] * 5
+    assert [e["batch_tokens"] for e in trains] == [512] * 6 + [1024] * 5
+    # the schedule continues by tokens across the batch change
+    sched = cfg.schedule_fn()
+    for e in trains:
+        b = e["batch_tokens"]
+        assert e["lr"] == pytest.approx(step_lr(sched, cfg.optimizer.lr, e["tokens"] - b, b))
+    # FLOPs: zero-layer cost before τ, full cost after
+    from progrow_ray.core.flops import train_flops_per_unit
+
+    small = train_flops_per_unit(cfg.source_model_config(), seq_len=32)
+    large = train_flops_per_unit(cfg.target_model_config(), seq_len=32)
+    assert result["flops"] == pytest.approx(small * 3072 + large * 5120)
+    state = read_checkpoint(result["checkpoint"], names=["state.json"])["state.json"]
+    assert state["progress"]["growth"][0]["target_depths"] == {"blocks": 2}
+
+
+def test_fixed_size_run(prepared, tmp_path):
+    cfg = make_cfg(prepared, str(tmp_path), growth={"enabled": False})
+    t, result, events = run(cfg)
+    assert result["depth"] == 2 and not result["expanded"]
+    assert not [e for e in events if e["event"] == "expand"]
+    first, last = losses_of(events)[0][1], losses_of(events)[-1][1]
+    assert last < first - 1.0  # it learns
+
+
+@pytest.mark.parametrize("stop_at", [2048, 4096])  # before τ (4096) and exactly at it
+def test_resume_reproduces_the_uninterrupted_run_bit_exactly(prepared, tmp_path, stop_at):
+    full_cfg = make_cfg(prepared, str(tmp_path / "full"))
+    _, full, full_events = run(full_cfg)
+    cfg = make_cfg(prepared, str(tmp_path / "split"))
+    _, first, first_events = run(cfg, until=stop_at)
+    assert first["tokens"] == stop_at and not first["finished"]
+    uri, files = default_manager(cfg).load_latest()
+    assert uri == first["checkpoint"]
+    _, second, second_events = run(cfg, resume=files)
+    assert losses_of(first_events) + losses_of(second_events) == losses_of(full_events)
+    assert second["val_loss"] == full["val_loss"]
+    assert second["flops"] == full["flops"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
+    cfg = make_cfg(prepared, str(tmp_path), growth={"enabled": False},
+                   train={"checkpoint_every_tokens": 1024, "log_every": 2})
+    t = Trainer(cfg, log=lambda _: None)
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        if calls["n"] > 4 * 2:  # from step 5 on (2 micro-steps per step): the step-4 checkpoint is good
+            return output * float("nan")
+        return output
+
+    t.model.lm_head.register_forward_hook(poison)
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss"):
+        t.run()
+    uri, files = default_manager(cfg).load_latest()
+    assert files["state.json"]["progress"]["step"] == 4  # the checkpoint at 1024 x 2 tokens
+    assert all(torch.isfinite(v).all() for v in files["model.pt"].values())
+
+
+def test_bad_run_settings(prepared, tmp_path):
+    with pytest.raises(ConfigError, match="multiple of workers x train.micro_batch x data.seq_len"):
+        make_cfg(prepared, str(tmp_path), train={"batch_tokens": 500})
+    with pytest.raises(ConfigError, match="beyond the decay start"):
+        make_cfg(prepared, str(tmp_path), growth={"tau_frac": 0.9})
+    with pytest.raises(ConfigError, match="cannot copy from a 0-layer"):
+        make_cfg(prepared, str(tmp_path), growth={"method": "copying"})
+    with pytest.raises(ConfigError, match="below the source"):
+        make_cfg(prepared, str(tmp_path), growth={"source_depth": 3})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        make_cfg(prepared, str(tmp_path), train={"batch": 3})
+    with pytest.raises(ConfigError, match="train.total_tokens must be an integer"):
+        make_cfg(prepared, str(tmp_path), train={"total_tokens": "lots"})
+    cfg = make_cfg(prepared, str(tmp_path), model={"vocab_size": 1000})
+    with pytest.raises(ConfigError, match="vocab_size"):
+        Trainer(cfg, log=lambda _: None)
