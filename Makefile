@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m progrow_ray.train --config jobs/smoke.yaml
+	$(PY) -m progrow_ray.pipeline
 
 test: setup
 	$(PY) -m pytest -q

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import fsspec
 
@@ -31,7 +30,7 @@ def metrics_writer(cfg: RunConfig):
     fh = fs.open(f"{path}/metrics.jsonl", "a")
 
     def write(m: dict) -> None:
-        fh.write(json.dumps({**m, "time": time.time()}) + "\n")
+        fh.write(json.dumps(m) + "\n")
         fh.flush()
 
     return write, fh

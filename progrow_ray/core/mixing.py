@@ -86,7 +86,7 @@ class TauPlan:
     expand: bool  # False: train fixed-size (τ = 0 means the large model from the start)
     tau_tokens: int
     t_mix_tokens: int | None
-    flops_fraction: float  # (progressive + search) / fixed-size FLOPs
+    flops_fraction: float  # (progressive + search) / fixed-size FLOPs (> 1 possible: search is sunk)
     predicted_gap_rel: float | None
     verdict: str
 
@@ -99,9 +99,9 @@ def plan_tau(mix: MixResult, *, total_tokens: int, warmup_tokens: float, stable_
              safety: float = 0.0) -> TauPlan:
     """τ = end of stable phase − t_mix·(1 + safety), clamped to [end of warmup, end of stable phase].
 
-    Falls back to fixed-size training (``expand=False``, τ = 0) when the curves did not mix, when
-    mixing needs more tokens than the stable phase has, or when the search itself costs more than
-    the expansion would save.
+    Falls back to fixed-size training (``expand=False``, τ = 0) when the curves did not mix, or when
+    mixing needs more tokens than the stable phase has. The search is a sunk cost when τ is chosen,
+    so it does not change the decision; the verdict states the saving both with and without it.
     """
     require(total_tokens > 0 and 0 <= warmup_tokens <= stable_end_tokens <= total_tokens,
             "need 0 <= warmup end <= stable end <= total tokens")
@@ -121,10 +121,13 @@ def plan_tau(mix: MixResult, *, total_tokens: int, warmup_tokens: float, stable_
                           f"{stable_end_tokens - warmup_tokens:,.0f}")
     tau = int(min(tau, stable_end_tokens))
     progressive = small_flops_per_token * tau + large_flops_per_token * (total_tokens - tau)
+    if progressive >= fixed:
+        return fixed_size("the small model costs as much per token as the large one")
     fraction = (progressive + search_flops) / fixed
-    if fraction >= 1:
-        return fixed_size(f"the search ({search_flops:.3g} FLOPs) costs more than expanding saves")
     gap = max(mix.gap_after_mix_rel or 0.0, 0.0)
+    net = (f"{1 - fraction:.1%} net of the search" if fraction < 1 else
+           f"the search cost {fraction - progressive / fixed:.1%} of a fixed run, more than this run saves; "
+           "t_mix transfers across runs and sizes, reuse it")
     verdict = (f"expand at tau = {tau:,} tokens ({tau / total_tokens:.0%} of the horizon): saves "
-               f"{1 - fraction:.1%} FLOPs (search included) at a predicted final loss gap <= {gap:.2%}")
+               f"{1 - progressive / fixed:.1%} FLOPs ({net}) at a predicted final loss gap <= {gap:.2%}")
     return TauPlan(True, tau, mix.t_mix_tokens, fraction, gap, verdict)

@@ -87,6 +87,7 @@ class Trainer:
         self.val_data = TokenShards(cfg.data.uri, "val", cfg.data.verify, cfg.data.cache_dir)
         self.sampler = SequenceSampler(self.train_data, self.seq_len, cfg.train.seed)
         self.progress = Progress()
+        self.history: list[dict] = []  # every metrics event; saved in checkpoints, so restarts keep it
         torch.manual_seed(cfg.train.seed)  # same init on every rank
 
         if resume is not None:
@@ -141,6 +142,7 @@ class Trainer:
             "model.pt": self.model.state_dict(),
             "optimizer.pt": self.optimizer.state_dict(),
             "rng.pt": rng,
+            "metrics.json": self.history,
             "state.json": {
                 "progress": dataclasses.asdict(self.progress),
                 "sampler": self.sampler.state_dict(),
@@ -156,6 +158,7 @@ class Trainer:
         self.model.load_state_dict(files["model.pt"])
         self.optimizer.load_state_dict(files["optimizer.pt"])
         self.sampler.load_state_dict(state["sampler"])
+        self.history = list(files.get("metrics.json", []))
         torch.set_rng_state(files["rng.pt"]["cpu"])
         if self.device.type == "cuda" and "cuda" in files["rng.pt"]:
             torch.cuda.set_rng_state(files["rng.pt"]["cuda"], self.device)
@@ -261,9 +264,11 @@ class Trainer:
         return val
 
     def _emit(self, metrics: dict) -> None:
+        p = self.progress
+        event = {"step": p.step, "tokens": p.tokens, "flops": p.flops, "depth": self.depth, "time": time.time(), **metrics}
+        self.history.append(event)
         if self.on_metrics is not None:
-            p = self.progress
-            self.on_metrics({"step": p.step, "tokens": p.tokens, "flops": p.flops, "depth": self.depth, **metrics})
+            self.on_metrics(event)
 
     # ---- loop -----------------------------------------------------------------------------------
     def run(self, until_tokens: int | None = None, progress_bar: bool = False) -> dict:

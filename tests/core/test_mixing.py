@@ -94,7 +94,7 @@ def test_tau_is_stable_end_minus_t_mix_with_flops_and_verdict():
     assert p.expand and p.tau_tokens == 700_000
     expected = (1.0 * 700_000 + 10.0 * 300_000) / (10.0 * 1_000_000)
     assert p.flops_fraction == pytest.approx(expected)
-    assert "saves 63.0% FLOPs" in p.verdict and "0.40%" in p.verdict
+    assert "saves 63.0% FLOPs (63.0% net of the search)" in p.verdict and "0.40%" in p.verdict
     with_search = plan_tau(mixed(100_000), search_flops=0.5e6, **PLAN)
     assert with_search.flops_fraction == pytest.approx(expected + 0.05)
     assert plan_tau(mixed(100_000), safety=0.5, **PLAN).tau_tokens == 650_000
@@ -106,5 +106,9 @@ def test_no_saving_cases_train_fixed_size():
     assert too_slow.verdict.startswith("no saving at this horizon") and "780,000" in too_slow.verdict
     never = plan_tau(MixResult(False, None, None, None, 0.031), **PLAN)
     assert not never.expand and "did not mix" in never.verdict and "+3.10%" in never.verdict
+    # the search is sunk when tau is chosen: still expand, but the verdict says it did not pay off here
     pricey = plan_tau(mixed(100_000), search_flops=1e7, **PLAN)
-    assert not pricey.expand and "search" in pricey.verdict
+    assert pricey.expand and pricey.tau_tokens == 700_000 and pricey.flops_fraction > 1
+    assert "saves 63.0% FLOPs" in pricey.verdict and "more than this run saves" in pricey.verdict
+    same_cost = plan_tau(mixed(100_000), **{**PLAN, "small_flops_per_token": 10.0})
+    assert not same_cost.expand

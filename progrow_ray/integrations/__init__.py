@@ -1,0 +1,1 @@
+"""Outside services: run storage (local / S3) and experiment tracking (MLflow)."""

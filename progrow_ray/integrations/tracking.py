@@ -1,0 +1,142 @@
+"""MLflow tracking for the pipeline: one parent run, child runs for trials, phases and the baseline.
+
+All calls go through ``MlflowClient`` with explicit run ids (no global active run), from the driver
+only, so workers need no MLflow and any tracking URI works (sqlite file, or a server on a cluster).
+Tracking never stops training: the first failure prints one warning and tracking is switched off for
+the rest of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Iterable
+
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+METRIC_KEYS = ("train_loss", "val_loss", "lr", "tokens", "flops", "tokens_per_s", "batch_tokens",
+               "moe_aux_loss", "moe_z_loss", "moe_max_expert_fraction")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def scrub(params: dict[str, Any]) -> dict[str, str]:
+    """Params as strings, with any value that equals (or contains) a secret from the environment masked."""
+    secrets = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
+    out = {}
+    for k, v in params.items():
+        s = str(v)
+        out[k] = "***" if any(sec in s for sec in secrets) else s[:6000]
+    return out
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, experiment: str, log: Callable[[str], None] = print):
+        self.tracking_uri, self.log, self.enabled = tracking_uri, log, True
+        self.experiment_id: str | None = None
+        try:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+
+    def _fail(self, e: Exception) -> None:
+        if self.enabled:
+            self.log(f"warning: MLflow at {self.tracking_uri} is unavailable ({type(e).__name__}); "
+                     "training continues without tracking")
+        self.enabled = False
+
+    def _call(self, fn, *args, **kwargs):
+        if not self.enabled:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+            return None
+
+    def start_run(self, name: str, tags: dict | None = None, params: dict | None = None,
+                  parent_id: str | None = None) -> str | None:
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        run = self._call(self.client.create_run, self.experiment_id, tags=tags, run_name=name)
+        if run is None:
+            return None
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def find_run(self, name: str, parent_id: str | None = None) -> str | None:
+        """A run of this experiment by name (and parent): lets a resumed pipeline reuse its runs."""
+        query = f"attributes.run_name = '{name}'"
+        if parent_id:
+            query += f" and tags.mlflow.parentRunId = '{parent_id}'"
+        runs = self._call(self.client.search_runs, [self.experiment_id], query, max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def log_params(self, run_id: str | None, params: dict) -> None:
+        if not run_id:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in scrub(flatten(params)).items()]
+        for i in range(0, len(items), 100):
+            self._call(self.client.log_batch, run_id, params=items[i:i + 100])
+
+    def log_history(self, run_id: str | None, history: Iterable[dict], step_offset: int = 0) -> None:
+        """Metric events (engine format) against the global step; ``tokens`` and ``flops`` are metrics
+        too, so the UI can chart loss against compute."""
+        if not run_id:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = []
+        for e in history:
+            step = int(e.get("step", 0)) + step_offset
+            ts = int(e.get("time", now / 1000) * 1000)
+            for k in METRIC_KEYS:
+                v = e.get(k)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    metrics.append(Metric(k, float(v), ts, step))
+        for i in range(0, len(metrics), 900):
+            self._call(self.client.log_batch, run_id, metrics=metrics[i:i + 900])
+
+    def log_metrics(self, run_id: str | None, values: dict[str, Any], step: int = 0) -> None:
+        """Summary numbers (final losses, FLOPs fraction, ...) at one step; None values are left out."""
+        if not run_id:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in values.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if items:
+            self._call(self.client.log_batch, run_id, metrics=items)
+
+    def set_tags(self, run_id: str | None, tags: dict) -> None:
+        if not run_id:
+            return
+        from mlflow.entities import RunTag
+
+        self._call(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str | None, path: str) -> None:
+        if run_id:
+            self._call(self.client.log_artifact, run_id, path)
+
+    def end(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if run_id:
+            self._call(self.client.set_terminated, run_id, status)

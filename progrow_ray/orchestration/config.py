@@ -1,0 +1,95 @@
+"""The pipeline's config: a ``RunConfig`` (the main run) plus how to search τ, place the phases on
+Ray, run the baseline and track in MLflow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..core.errors import require
+from ..engine.config import RunConfig, check_batch
+
+
+@dataclass(frozen=True)
+class LrSearchSection:
+    enabled: bool = False  # Optuna tunes the LR on the cheap source model; the main run uses the best
+    num_samples: int = 6
+    lr_min: float = 1e-3
+    lr_max: float = 0.1
+    tokens: int | None = None  # per trial (default: the search token cap)
+
+
+@dataclass(frozen=True)
+class TuneSection:
+    enabled: bool = True  # False: use growth.tau_frac / growth.tau_tokens as given
+    search_fraction: float = 0.1  # token cap of the probes: their FLOPs <= this share of the main run's
+    max_search_tokens: int | None = None  # an explicit cap instead (tokens per probe)
+    rel_tol: float = 0.01  # mixed when (prog - fixed) / fixed <= rel_tol ...
+    window_frac: float = 0.1  # ... for this share of the probe horizon after the expansion
+    smoothing: float = 0.6  # EMA weight of the past on the loss curves
+    safety: float = 0.0  # tau = stable end - t_mix * (1 + safety)
+    one_layer_probe: bool = False  # also probe a one-layer source (reported, not used for tau)
+    probe_model: dict = field(default_factory=dict)  # model overrides for the probes: "two small-scale runs"
+    # (paper §7); t_mix transfers across model sizes (App. C.1), so a narrower target keeps the search cheap
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    lr_search: LrSearchSection = LrSearchSection()
+
+
+@dataclass(frozen=True)
+class RaySection:
+    address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local cluster
+    local_cpus: int = 4  # logical CPUs of the local cluster started when no address is given
+    workers_small: int = 1  # phase 1 (the small model)
+    workers_large: int = 2  # phase 2 and the baseline
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    num_to_keep: int = 2
+    prewarm: bool = True  # hold a pending phase-2 placement group during phase 1
+    worker_start_timeout_s: float = 120.0  # fail fast when workers cannot be placed
+
+
+@dataclass(frozen=True)
+class BaselineSection:
+    enabled: bool = True  # a fixed-size run of the target model on the same token budget
+
+
+@dataclass(frozen=True)
+class MlflowSection:
+    tracking_uri: str | None = None  # None: sqlite:///<out>/mlflow.db
+    experiment: str = "progrow_ray"
+
+
+@dataclass(frozen=True)
+class PipelineConfig(RunConfig):
+    tune: TuneSection = TuneSection()
+    ray: RaySection = RaySection()
+    baseline: BaselineSection = BaselineSection()
+    mlflow: MlflowSection = MlflowSection()
+
+    def validate(self, world_size: int = 1) -> "PipelineConfig":
+        super().validate(world_size=self.ray.workers_small)
+        r, t = self.ray, self.tune
+        require(r.workers_small >= 1, f"ray.workers_small must be >= 1, got {r.workers_small}")
+        require(r.workers_large >= r.workers_small,
+                f"ray.workers_large ({r.workers_large}) must be >= ray.workers_small ({r.workers_small})")
+        require(r.cpus_per_worker > 0, f"ray.cpus_per_worker must be > 0, got {r.cpus_per_worker}")
+        require(r.max_failures >= 0 and r.num_to_keep >= 1, "ray.max_failures must be >= 0 and ray.num_to_keep >= 1")
+        require(0 < t.search_fraction <= 1, f"tune.search_fraction must be in (0, 1], got {t.search_fraction}")
+        require(t.rel_tol >= 0 and 0 <= t.window_frac < 1 and 0 <= t.smoothing < 1,
+                "tune.rel_tol must be >= 0, tune.window_frac and tune.smoothing in [0, 1)")
+        require(self.growth.enabled or not t.enabled, "tune.enabled needs growth.enabled (nothing to expand)")
+        if self.growth.enabled:
+            check_batch(self.phase2_batch_tokens, r.workers_large, self.train.micro_batch, self.data.seq_len,
+                        "growth.batch_tokens_after")
+        check_batch(self.train.batch_tokens, r.workers_large, self.train.micro_batch, self.data.seq_len,
+                    "train.batch_tokens (the baseline runs on ray.workers_large)")
+        ls = t.lr_search
+        require(not ls.enabled or (0 < ls.lr_min < ls.lr_max and ls.num_samples >= 1),
+                "tune.lr_search needs 0 < lr_min < lr_max and num_samples >= 1")
+        return self
+
+    @property
+    def phase2_batch_tokens(self) -> int:
+        return self.growth.batch_tokens_after or self.train.batch_tokens
+

@@ -1,0 +1,231 @@
+"""τ search with Ray Tune (the recipe's step 4, automatic).
+
+Concurrent trials with the main run's hyper-parameters and schedule: the fixed-size target model,
+and the progressive model from 0 layers (optionally also 1) expanded right after warmup. Each reports
+its loss by tokens; a ``Stopper`` on the driver computes the mixing time as results arrive and stops
+every trial once the curves have mixed (or at the token cap). Then τ = end of stable − t_mix.
+
+Optionally Optuna (``OptunaSearch``) first tunes the learning rate on the cheap source model; with
+Muon / muP the optimum transfers to the deep model (paper §3.2), so the main run uses it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.flops import train_flops_per_unit
+from ..core.mixing import MixResult, TauPlan, plan_tau, t_mix
+from ..engine.config import RunConfig, deep_merge, from_dict
+from .phases import run_config_dict
+
+
+def probe_trainable(config: dict) -> None:
+    """One Tune trial: the engine for ``config["cap"]`` tokens, reporting every metric event."""
+    import torch
+    from ray import tune
+
+    from ..engine.trainer import Trainer
+
+    config = config["trial"]
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    cfg = from_dict(RunConfig, config["run"])
+
+    def report(event: dict) -> None:
+        if event["event"] in ("train", "eval"):
+            tune.report({k: event.get(k) for k in ("tokens", "step", "flops", "train_loss", "val_loss")
+                         if event.get(k) is not None} | {"kind": event["event"]})
+
+    Trainer(cfg, save_checkpoint=lambda *_: None, on_metrics=report, log=lambda _: None).run(until_tokens=config["cap"])
+
+
+class Curves:
+    """Loss-vs-tokens curves per trial role, fed by Tune results."""
+
+    def __init__(self):
+        self.points: dict[str, list[tuple[float, float, float]]] = {}
+
+    def add(self, role: str, result: dict) -> None:
+        if result.get("kind") == "train" and result.get("train_loss") is not None:
+            self.points.setdefault(role, []).append((result["tokens"], result["train_loss"], result.get("flops", 0.0)))
+
+    def curve(self, role: str) -> tuple[np.ndarray, np.ndarray]:
+        pts = self.points.get(role, [])
+        return np.array([p[0] for p in pts], dtype=float), np.array([p[1] for p in pts], dtype=float)
+
+
+@dataclass(frozen=True)
+class MixSettings:
+    expand_at: int
+    rel_tol: float
+    window_tokens: float
+    smoothing: float
+
+    def mix(self, curves: Curves, role: str = "progressive") -> MixResult | None:
+        ft, fl = curves.curve("fixed")
+        pt, pl = curves.curve(role)
+        if len(ft) < 2 or len(pt) < 2 or pt[-1] <= self.expand_at or ft[-1] <= self.expand_at:
+            return None
+        return t_mix(ft, fl, pt, pl, self.expand_at, self.rel_tol, self.window_tokens, self.smoothing)
+
+
+def make_stopper(curves: Curves, settings: MixSettings):
+    from ray.tune import Stopper
+
+    class MixingStopper(Stopper):
+        """Stops all trials as soon as the progressive curve has mixed with the fixed one."""
+
+        def __init__(self):
+            self.mixed = False
+
+        def __call__(self, trial_id, result):
+            curves.add(result["config"]["trial"]["role"], result)
+            r = settings.mix(curves)
+            self.mixed = self.mixed or bool(r and r.mixed)
+            return False
+
+        def stop_all(self):
+            return self.mixed
+
+    return MixingStopper()
+
+
+def probe_flops_per_token(cfg) -> tuple[float, float]:
+    """(source, target) FLOPs per token of the probes' models (``tune.probe_model`` applied)."""
+    from ..core.flops import with_depth
+    from ..core.models import make_config
+
+    fields = {**{k: v for k, v in cfg.model.items() if k != "kind"}, **cfg.tune.probe_model}
+    fields.setdefault("block_size", cfg.data.seq_len)
+    target = make_config(cfg.model.get("kind", "gpt"), **fields)
+    source = with_depth(target, cfg.growth.source_depth)
+    return (train_flops_per_unit(source, seq_len=cfg.data.seq_len), train_flops_per_unit(target, seq_len=cfg.data.seq_len))
+
+
+def search_cap_tokens(cfg) -> int:
+    """Tokens per probe so that the probes' FLOPs stay within ``tune.search_fraction`` of the main run
+    (estimated at the configured τ), rounded down to whole global batches, at least warmup + 4 batches."""
+    t = cfg.tune
+    small = train_flops_per_unit(cfg.source_model_config(), seq_len=cfg.data.seq_len)
+    large = train_flops_per_unit(cfg.target_model_config(), seq_len=cfg.data.seq_len)
+    total = cfg.train.total_tokens
+    tau = cfg.tau_tokens or 0
+    main = small * tau + large * (total - tau)
+    warmup = cfg.schedule_fn().warmup_tokens
+    probe_small, probe_large = probe_flops_per_token(cfg)
+    probes = probe_large + probe_small * (2 if t.one_layer_probe else 1)  # per token, all probes together
+    cap = t.max_search_tokens or int(t.search_fraction * main / probes)
+    b = cfg.train.batch_tokens
+    floor = int(math.ceil(warmup / b) + 4) * b
+    return max(floor, (cap // b) * b)
+
+
+def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log=print) -> dict:
+    """Run the probes, return mixing, τ plan, FLOPs and per-trial curves."""
+    from ray import tune
+
+    cap = search_cap_tokens(cfg)
+    warmup = cfg.schedule_fn().warmup_tokens
+    b = cfg.train.batch_tokens
+    expand_at = int(math.ceil(warmup / b)) * b  # end of warmup, on a step boundary
+    base = run_config_dict(cfg)
+    roles = {"fixed": {"growth": {"enabled": False}},
+             # the main run's source depth and method; the same batch as the fixed probe
+             "progressive": {"growth": {"enabled": True, "tau_tokens": expand_at, "batch_tokens_after": None}}}
+    if cfg.tune.one_layer_probe and cfg.growth.source_depth != 1:
+        roles["progressive-1"] = {"growth": {"enabled": True, "source_depth": 1, "tau_tokens": expand_at,
+                                             "method": "random", "batch_tokens_after": None}}
+    # Probes log every step (the curves t_mix is read from) and evaluate only at the very end.
+    probe = {"model": dict(cfg.tune.probe_model),
+             "train": {"checkpoint_every_tokens": None, "log_every": 1, "eval_every_tokens": cfg.train.total_tokens}}
+    trials = [{"role": role, "run": deep_merge(deep_merge(base, probe), over),
+               "cap": cap, "threads": max(1, int(cfg.tune.cpus_per_trial))} for role, over in roles.items()]
+    settings = MixSettings(expand_at, cfg.tune.rel_tol, cfg.tune.window_frac * (cap - expand_at), cfg.tune.smoothing)
+    curves = Curves()
+    trainable = tune.with_resources(probe_trainable, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=len(trials)),
+        run_config=tune.RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                  stop=make_stopper(curves, settings), verbose=0),
+    )
+    log(f"tau search: {len(trials)} probes x <= {cap:,} tokens, expansion at {expand_at:,} tokens")
+    grid = tuner.fit()
+    summaries, search_flops = [], 0.0
+    for res in grid:
+        role = res.config["trial"]["role"]
+        df = res.metrics_dataframe
+        rows = [] if df is None else df.to_dict("records")
+        train_rows = [r for r in rows if r.get("kind") == "train"]
+        curves.points[role] = [(r["tokens"], r["train_loss"], r["flops"]) for r in train_rows]
+        flops = float(max((r["flops"] for r in rows), default=0.0))
+        search_flops += flops
+        summaries.append({"role": role, "tokens": int(max((r["tokens"] for r in rows), default=0)), "flops": flops,
+                          "curve": [{"tokens": int(t), "train_loss": float(l), "flops": float(f)}
+                                    for t, l, f in curves.points[role]],
+                          "error": str(res.error) if res.error else None})
+    failed = [s for s in summaries if s["error"]]
+    if failed:
+        raise RuntimeError(f"tau search trial {failed[0]['role']} failed: {failed[0]['error']}")
+    mix = settings.mix(curves) or MixResult(False, None, None, None, float("nan"))
+    extra = {}
+    if cfg.tune.one_layer_probe:
+        one = settings.mix(curves, "progressive-1")
+        extra["one_layer_t_mix_tokens"] = one.t_mix_tokens if one else None
+    sched = cfg.schedule_fn()
+    small = train_flops_per_unit(cfg.source_model_config(), seq_len=cfg.data.seq_len)
+    large = train_flops_per_unit(cfg.target_model_config(), seq_len=cfg.data.seq_len)
+    plan: TauPlan = plan_tau(mix, total_tokens=cfg.train.total_tokens, warmup_tokens=sched.warmup_tokens,
+                             stable_end_tokens=sched.stable_end_tokens, small_flops_per_token=small,
+                             large_flops_per_token=large, search_flops=search_flops, safety=cfg.tune.safety)
+    tau = align_tau(plan.tau_tokens, b, cfg.phase2_batch_tokens, cfg.train.total_tokens) if plan.expand else 0
+    return {"t_mix_tokens": mix.t_mix_tokens, "tau_tokens": tau, "expand": plan.expand, "verdict": plan.verdict,
+            "search_flops": search_flops, "cap_tokens": cap, "expand_at_tokens": expand_at,
+            "mix": mix.to_dict(), "plan": plan.to_dict(), "trials": summaries, **extra}
+
+
+def align_tau(tau: int, batch1: int, batch2: int, total: int) -> int:
+    """The step boundary at or before τ from which phase 2 (global batch ``batch2``) ends exactly at
+    ``total`` when it can, and which is a whole number of phase-1 batches."""
+    tau = total - math.ceil((total - tau) / batch2) * batch2
+    return max(batch1, (tau // batch1) * batch1)
+
+
+def search_lr(cfg, *, storage_path: str, storage_filesystem, run_name: str, log=print) -> dict:
+    """Optuna over the LR on the source model (fixed size, the cheap one); returns the best LR."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    ls = cfg.tune.lr_search
+    tokens = ls.tokens or search_cap_tokens(cfg)
+    source_depth = cfg.growth.source_depth
+    depth_key = {"blocks": list(source_depth)} if isinstance(source_depth, (list, tuple)) else {"n_layer": source_depth}
+    base = run_config_dict(cfg, growth={"enabled": False}, model=depth_key, train={"checkpoint_every_tokens": None})
+
+    def trainable(config: dict) -> None:
+        import torch
+
+        from ..engine.trainer import Trainer
+
+        torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
+        run = from_dict(RunConfig, deep_merge(base, {"optimizer": {"lr": config["lr"]}}))
+        result = Trainer(run, save_checkpoint=lambda *_: None, log=lambda _: None).run(until_tokens=tokens)
+        tune.report({"train_loss": result["train_loss"], "flops": result["flops"]})
+
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}),
+        param_space={"lr": tune.loguniform(ls.lr_min, ls.lr_max)},
+        tune_config=tune.TuneConfig(metric="train_loss", mode="min", num_samples=ls.num_samples,
+                                    search_alg=OptunaSearch(seed=cfg.train.seed), max_concurrent_trials=2),
+        run_config=tune.RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                  verbose=0),
+    )
+    log(f"lr search: Optuna, {ls.num_samples} trials x {tokens:,} tokens on the {source_depth}-layer model")
+    grid = tuner.fit()
+    best = grid.get_best_result()
+    trials = [{"lr": r.config["lr"], "train_loss": r.metrics.get("train_loss"), "flops": r.metrics.get("flops", 0.0)}
+              for r in grid if r.metrics]
+    return {"best_lr": float(best.config["lr"]), "trials": trials, "flops": float(sum(t["flops"] for t in trials))}

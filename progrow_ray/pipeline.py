@@ -1,0 +1,350 @@
+"""``python -m progrow_ray.pipeline [--config jobs/X.yaml] [--set key=value ...] [--out DIR]``
+
+The product's main job (also ``ray job submit -- python -m progrow_ray.pipeline ...``):
+data -> τ search (Ray Tune) -> phase 1 (Ray Train, small model, few workers) -> expand + scale
+-> phase 2 (more workers, larger batch) -> fixed-size baseline -> report + MLflow.
+
+Re-running the same command (same ``name`` and ``out``) resumes: finished stages are skipped and an
+interrupted phase resumes from its last committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from .cli import run_cli
+from .core.errors import require
+from .engine.config import load_run_config, to_dict
+from .integrations.storage import check_writable, is_s3, join, ray_storage, read_json, write_bytes, write_json
+from .orchestration.config import PipelineConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "smoke.yaml"
+STATE = "pipeline_state.json"
+# Sections that may change between a run and its resumption without changing what is trained.
+RESUMABLE_KEYS = ("ray", "mlflow")
+
+
+def absolutize(cfg: PipelineConfig) -> PipelineConfig:
+    """Workers run in other directories (and on other nodes): local paths must be absolute."""
+    from dataclasses import replace
+
+    data = cfg.data
+    if "://" not in data.uri:
+        data = replace(data, uri=os.path.abspath(data.uri))
+    if data.source not in ("stdlib",) and "://" not in data.source:
+        data = replace(data, source=os.path.abspath(data.source))
+    out = cfg.out if is_s3(cfg.out) else os.path.abspath(cfg.out)
+    return replace(cfg, data=data, out=out)
+
+
+def tracking_uri(cfg: PipelineConfig, override: str | None) -> str:
+    if override or cfg.mlflow.tracking_uri:
+        return override or cfg.mlflow.tracking_uri
+    base = cfg.out if not is_s3(cfg.out) else os.getcwd()
+    return f"sqlite:///{os.path.abspath(base)}/mlflow.db"
+
+
+def init_ray(cfg: PipelineConfig, address: str | None, log) -> bool:
+    """Connect to ``address`` / RAY_ADDRESS, or start a local cluster. Returns True if we started it."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(int(cfg.ray.worker_start_timeout_s)))
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    target = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return False
+    if target:
+        ray.init(address=target, log_to_driver=True)
+        log(f"connected to Ray at {target}")
+        return False
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(address="local", num_cpus=cfg.ray.local_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=True)
+    log(f"started a local Ray cluster ({cfg.ray.local_cpus} logical CPUs)")
+    return True
+
+
+def check_capacity(cfg: PipelineConfig, local: bool) -> None:
+    """On a fixed-size (local) cluster, workers beyond its resources would wait forever: fail now."""
+    import ray
+
+    if not local:
+        return
+    res = ray.cluster_resources()
+    need_cpu = cfg.ray.workers_large * cfg.ray.cpus_per_worker
+    require(need_cpu <= res.get("CPU", 0),
+            f"ray.workers_large={cfg.ray.workers_large} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} needs "
+            f"{need_cpu:g} CPUs but the cluster has {res.get('CPU', 0):g}; lower them or raise ray.local_cpus")
+    require(not cfg.ray.use_gpu or cfg.ray.workers_large <= res.get("GPU", 0),
+            f"ray.use_gpu with ray.workers_large={cfg.ray.workers_large} needs that many GPUs; the cluster has "
+            f"{res.get('GPU', 0):g}")
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, mlflow_uri: str | None, log=print):
+        self.cfg, self.log = cfg, log
+        self.root = join(cfg.out, cfg.name)
+        self.storage_path, self.storage_fs = ray_storage(join(cfg.out, cfg.name, "ray"))
+        self.state = read_json(join(self.root, STATE)) or {}
+        self.tracking_uri = tracking_uri(cfg, mlflow_uri)
+
+    # ---- state ----------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        write_json(join(self.root, STATE), self.state)
+
+    def check_same_run(self) -> None:
+        saved = self.state.get("config")
+        if not saved:
+            return
+        now = to_dict(self.cfg)
+        diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k))
+        require(not diff, f"run {self.cfg.name!r} in {self.cfg.out} exists with a different config ({', '.join(diff)} "
+                          "changed); use another name (--set name=...) or the original config")
+
+    # ---- stages ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from .integrations.tracking import Tracker
+        from .train import prepare_data
+
+        cfg = self.cfg
+        self.check_same_run()
+        self.state.setdefault("config", to_dict(cfg))
+        self.save_state()
+        tracker = Tracker(self.tracking_uri, cfg.mlflow.experiment, log=self.log)
+        parent = self.state.get("mlflow_parent_run_id") or tracker.start_run(
+            cfg.name, tags={"progrow.kind": "pipeline"}, params=to_dict(cfg))
+        self.state["mlflow_parent_run_id"] = parent
+        self.save_state()
+        self.tracker, self.parent = tracker, parent
+
+        prepare_data(cfg, log=self.log)
+        search = self.state.get("tau_search") or self.search()
+        expand, tau = search["expand"], search["tau_tokens"]
+        run_cfg = self.main_run_overrides(search)
+        phases = []
+        if expand:
+            p1 = self.phase("phase1", run_cfg, workers=cfg.ray.workers_small, until=tau, prewarm=True)
+            p2 = self.phase("phase2", run_cfg, workers=cfg.ray.workers_large, start_from=p1["checkpoint_path"])
+            phases = [p1, p2]
+        else:  # the verdict says train fixed-size: the main run is the target model from the start
+            phases = [self.phase("fixed", {**run_cfg, "growth": {"enabled": False}}, workers=cfg.ray.workers_large)]
+        baseline = None
+        if cfg.baseline.enabled:
+            baseline = self.phase("baseline", {**run_cfg, "growth": {"enabled": False}}, workers=cfg.ray.workers_large,
+                                  tags={"progrow.phase": "baseline"})
+        report = self.report(search, phases, baseline)
+        self.state["done"] = True
+        self.save_state()
+        tracker.end(parent)
+        return report
+
+    def main_run_overrides(self, search: dict) -> dict:
+        over: dict = {"growth": {"tau_tokens": search["tau_tokens"], "tau_frac": None}}
+        lr = self.state.get("lr_search", {}).get("best_lr")
+        if lr:
+            over["optimizer"] = {"lr": lr}
+        return over
+
+    def search(self) -> dict:
+        from .orchestration.tune_tau import search_lr, search_tau
+
+        cfg = self.cfg
+        if cfg.tune.lr_search.enabled and "lr_search" not in self.state:
+            lr = search_lr(cfg, storage_path=self.storage_path, storage_filesystem=self.storage_fs,
+                           run_name=f"{cfg.name}-lr-search", log=self.log)
+            self.state["lr_search"] = lr
+            self.save_state()
+            self.log(f"lr search: best lr {lr['best_lr']:.4g}")
+            from dataclasses import replace
+
+            cfg = replace(cfg, optimizer=replace(cfg.optimizer, lr=lr["best_lr"]))
+        if not cfg.tune.enabled:
+            tau = cfg.tau_tokens
+            result = {"t_mix_tokens": None, "tau_tokens": tau, "expand": tau is not None and tau > 0,
+                      "verdict": f"tau set by the config: {tau:,} tokens (no search)", "search_flops": 0.0,
+                      "trials": []}
+        else:
+            result = search_tau(cfg, storage_path=self.storage_path, storage_filesystem=self.storage_fs,
+                                run_name=f"{cfg.name}-tau-search", log=self.log)
+            for trial in result["trials"]:
+                rid = self.tracker.start_run(f"search-{trial['role']}", parent_id=self.parent,
+                                             tags={"progrow.phase": "tau-search", "progrow.role": trial["role"]})
+                self.tracker.log_history(rid, [{"event": "train", "step": i, "tokens": c["tokens"], "flops": c["flops"],
+                                                "train_loss": c["train_loss"]} for i, c in enumerate(trial["curve"])])
+                self.tracker.end(rid)
+        self.log(f"tau search: {result['verdict']}")
+        self.state["tau_search"] = result
+        self.save_state()
+        return result
+
+    def phase(self, name: str, overrides: dict, *, workers: int, until: int | None = None,
+              start_from: str | None = None, prewarm: bool = False, tags: dict | None = None) -> dict:
+        from ray.train import Checkpoint
+
+        from .orchestration.phases import run_config_dict, run_phase
+        from .orchestration.prewarm import PhaseTwoPrewarm
+
+        if name in self.state.get("phases", {}):
+            self.log(f"{name}: done earlier, skipped")
+            return self.state["phases"][name]
+        cfg = self.cfg
+        run = run_config_dict(cfg, **overrides)
+        batch = run["growth"].get("batch_tokens_after") if name == "phase2" else None
+        self.log(f"{name}: {workers} worker(s), global batch {batch or run['train']['batch_tokens']:,} tokens")
+        start_ckpt = Checkpoint(start_from, self.storage_fs) if start_from else None
+        warm = PhaseTwoPrewarm(cfg) if (prewarm and cfg.ray.prewarm) else None
+        try:
+            outcome = run_phase(name, run, workers=workers, storage_path=self.storage_path,
+                                storage_filesystem=self.storage_fs, ray_cfg=cfg.ray, until_tokens=until,
+                                start_from=start_ckpt, run_name=f"{cfg.name}-{name}")
+        finally:
+            if warm is not None:
+                warm.release()
+        r = outcome.result
+        start = self.state.get("phases", {}).get("phase1", {}) if name == "phase2" else {}
+        checkpoint_uri = outcome.checkpoint_path
+        if checkpoint_uri and self.storage_fs is not None and not checkpoint_uri.startswith("s3://"):
+            checkpoint_uri = f"s3://{checkpoint_uri}"
+        summary = {
+            "name": name, "depth": r["depth"], "workers": workers, "global_batch_tokens": outcome.batch_tokens,
+            "tokens": r["tokens"] - start.get("tokens_end", 0), "tokens_end": r["tokens"],
+            "flops": r["flops"] - start.get("flops_end", 0.0), "flops_end": r["flops"], "final_train_loss": r["train_loss"],
+            "final_val_loss": r["val_loss"], "checkpoint_uri": checkpoint_uri, "checkpoint_path": outcome.checkpoint_path,
+            "fit_s": outcome.fit_s, "end_time": outcome.end_time, "history": outcome.history,
+        }
+        if name == "phase2":
+            expand = [e for e in outcome.history if e.get("event") == "expand"]
+            phase1_end = self.state["phases"]["phase1"]["end_time"]
+            summary["phase_switch_s"] = (expand[-1]["time"] - phase1_end) if expand else None
+        rid = self.tracker.start_run(name, parent_id=self.parent, params=run,
+                                     tags={"progrow.phase": name, "progrow.depth": r["depth"], "progrow.workers": workers,
+                                           **(tags or {})})
+        self.tracker.log_history(rid, outcome.history)
+        self.tracker.end(rid)
+        self.state.setdefault("phases", {})[name] = summary
+        self.save_state()
+        self.log(f"{name}: {r['tokens']:,} tokens, depth {r['depth']}, train loss {r['train_loss']:.4f}, "
+                 f"val loss {r['val_loss'] if r['val_loss'] is not None else float('nan'):.4f} ({outcome.fit_s:.0f} s)")
+        return summary
+
+    # ---- report ---------------------------------------------------------------------------------
+    def report(self, search: dict, phases: list[dict], baseline: dict | None) -> dict:
+        from .report import markdown, plot_png
+
+        cfg = self.cfg
+        last = phases[-1]
+        prog_flops = sum(p["flops"] for p in phases)
+        progressive = {"final_val_loss": last["final_val_loss"], "flops": prog_flops}
+        base = {"final_val_loss": baseline["final_val_loss"], "flops": baseline["flops"]} if baseline else None
+        savings = None
+        if base:
+            savings = {"flops_fraction": prog_flops / base["flops"],
+                       "loss_gap_rel": (progressive["final_val_loss"] - base["final_val_loss"]) / base["final_val_loss"]}
+        keep = ("name", "depth", "workers", "global_batch_tokens", "tokens", "flops", "final_train_loss", "checkpoint_uri")
+        report = {
+            "config": to_dict(cfg),
+            "tau_search": {k: search.get(k) for k in ("t_mix_tokens", "tau_tokens", "verdict", "search_flops", "trials",
+                                                      "expand", "cap_tokens", "expand_at_tokens")},
+            "lr_search": self.state.get("lr_search"),
+            "phases": [{k: p[k] for k in keep} for p in phases],
+            "progressive": progressive,
+            "baseline": base,
+            "savings": savings,
+            "overheads": {"phase_switch_s": phases[-1].get("phase_switch_s") if len(phases) > 1 else None,
+                          "search_flops_fraction": search["search_flops"] / prog_flops},
+            "mlflow": {"tracking_uri": self.tracking_uri, "experiment_id": self.tracker.experiment_id,
+                       "parent_run_id": self.parent},
+        }
+        series = {"progressive": [e for p in phases for e in p["history"]]}
+        if baseline:
+            series["baseline"] = baseline["history"]
+        tau = search["tau_tokens"] if search["expand"] else None
+        files = {
+            "report.json": json.dumps(report, indent=2, default=str).encode(),
+            "report.md": markdown(report).encode(),
+            "config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False).encode(),
+            "loss_vs_tokens.png": plot_png(series, "tokens", f"{cfg.name}: loss vs tokens", tau),
+            "loss_vs_flops.png": plot_png(series, "flops", f"{cfg.name}: loss vs FLOPs"),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                write_bytes(join(self.root, name), data)
+                local = os.path.join(tmp, name)
+                Path(local).write_bytes(data)
+                self.tracker.log_artifact(self.parent, local)
+        self.tracker.log_metrics(self.parent, {
+            "final_val_loss": progressive["final_val_loss"], "flops": prog_flops,
+            "baseline_final_val_loss": base["final_val_loss"] if base else None,
+            "flops_fraction": savings["flops_fraction"] if savings else None,
+            "loss_gap_rel": savings["loss_gap_rel"] if savings else None,
+            "tau_tokens": search["tau_tokens"], "search_flops": search["search_flops"]})
+        return report
+
+
+def summary_table(report: dict, root: str) -> str:
+    rows = [("verdict", report["tau_search"]["verdict"])]
+    for p in report["phases"]:
+        rows.append((p["name"], f"depth {p['depth']}, {p['workers']} worker(s), batch {p['global_batch_tokens']:,} tokens, "
+                                f"{p['tokens']:,} tokens, train loss {p['final_train_loss']:.4f}"))
+    rows.append(("progressive", f"val loss {report['progressive']['final_val_loss']:.4f}, FLOPs {report['progressive']['flops']:.3e}"))
+    if report["baseline"]:
+        b, s = report["baseline"], report["savings"]
+        rows.append(("baseline", f"val loss {b['final_val_loss']:.4f}, FLOPs {b['flops']:.3e}"))
+        rows.append(("savings", f"FLOPs fraction {s['flops_fraction']:.1%}, val loss gap {s['loss_gap_rel']:+.2%}"))
+    o = report["overheads"]
+    rows.append(("overheads", f"search {o['search_flops_fraction']:.1%} of FLOPs, phase switch "
+                              + (f"{o['phase_switch_s']:.1f} s" if o["phase_switch_s"] is not None else "-")))
+    rows.append(("report", join(root, "report.json")))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m progrow_ray.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help=f"YAML preset (default: {DEFAULT_CONFIG.name})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--out", help="output directory or s3:// prefix (overrides `out`)")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    args = parser.parse_args(argv)
+    overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
+    cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides, cls=PipelineConfig)
+    cfg = absolutize(cfg)
+    check_writable(cfg.out)
+    started = time.time()
+    pipeline = Pipeline(cfg, args.mlflow_uri)
+    if pipeline.state.get("done"):
+        print(f"run {cfg.name!r} already finished; its report: {join(pipeline.root, 'report.json')}")
+        report = read_json(join(pipeline.root, "report.json"))
+    else:
+        local = init_ray(cfg, args.address, print)
+        try:
+            check_capacity(cfg, local)
+            report = pipeline.run()
+        finally:
+            if local:
+                import ray
+
+                ray.shutdown()
+    print(f"\nsummary ({time.time() - started:.0f} s):")
+    print(summary_table(report, join(cfg.out, cfg.name)))
+    uri = report["mlflow"]["tracking_uri"]
+    if uri.startswith("sqlite:"):
+        print(f"\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    else:
+        print(f"\nMLflow runs: {uri} (experiment {report['mlflow']['experiment_id']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
+

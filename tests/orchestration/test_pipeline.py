@@ -1,0 +1,191 @@
+"""The pipeline end to end on real components over loopback: a local Ray cluster, S3 through a moto
+server, an MLflow tracking server, a worker killed in phase 2, a driver killed and re-run, and
+`ray job submit` against a `ray start --head` cluster."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ..s3 import make_bucket, moto_s3
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = Path(__file__).with_name("tiny.yaml")
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pipeline_cmd(corpus, data_uri, out, *extra):
+    return [sys.executable, "-m", "progrow_ray.pipeline", "--config", str(TINY), "--out", str(out),
+            "--set", f"data.source={corpus}", "--set", f"data.uri={data_uri}", *extra]
+
+
+def run(cmd, env=None, timeout=600):
+    p = subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    return p.stdout + p.stderr
+
+
+def check_report(report: dict, total: int = 12288) -> None:
+    keys = {"config", "tau_search", "phases", "progressive", "baseline", "savings", "overheads", "mlflow"}
+    assert keys <= set(report)
+    assert {"t_mix_tokens", "tau_tokens", "verdict", "search_flops", "trials"} <= set(report["tau_search"])
+    names = [p["name"] for p in report["phases"]]
+    if report["tau_search"]["expand"]:
+        p1, p2 = report["phases"]
+        assert names == ["phase1", "phase2"] and p1["depth"] == 0 and p2["depth"] == 2
+        assert p2["workers"] > p1["workers"] and p2["global_batch_tokens"] > p1["global_batch_tokens"]
+        assert p1["tokens"] + p2["tokens"] == total
+        assert report["overheads"]["phase_switch_s"] > 0
+    else:
+        assert names == ["fixed"]
+    for p in report["phases"]:
+        assert {"depth", "workers", "global_batch_tokens", "tokens", "flops", "final_train_loss", "checkpoint_uri"} <= set(p)
+    assert report["progressive"]["final_val_loss"] > 0 and report["baseline"]["final_val_loss"] > 0
+    assert report["savings"]["flops_fraction"] > 0
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    env = {**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(text_corpus, prepared, tmp_path, mlflow_server):
+    marker = tmp_path / "killed.json"
+    fault = {"phase": "phase2", "at_tokens": 10240, "rank": 1, "marker": str(marker)}
+    with moto_s3():
+        fs = make_bucket("runs")
+        env = {**ENV, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")},
+               "PROGROW_FAULT": json.dumps(fault)}
+        out = run(pipeline_cmd(text_corpus, prepared, "s3://runs/exp", "--mlflow-uri", mlflow_server,
+                               "--set", "tune.search_fraction=1.0", "--set", "tune.safety=2.0"), env=env)
+        assert "MLflow runs: " + mlflow_server in out
+        report = json.loads(fs.cat("runs/exp/tiny/report.json"))
+        check_report(report)
+        assert report["tau_search"]["expand"], report["tau_search"]["verdict"]
+        assert json.loads(marker.read_text())["phase"] == "phase2"  # the worker really died
+        p2 = report["phases"][1]
+        assert p2["checkpoint_uri"].startswith("s3://runs/exp/tiny/ray/tiny-phase2/")
+        assert fs.exists(p2["checkpoint_uri"][len("s3://"):] + "/manifest.json")
+        assert fs.exists("runs/exp/tiny/loss_vs_flops.png")
+        state = json.loads(fs.cat("runs/exp/tiny/pipeline_state.json"))
+        steps = [e["step"] for e in state["phases"]["phase2"]["history"] if e["event"] == "train"]
+        assert steps == sorted(set(steps)) and state["phases"]["phase2"]["tokens_end"] == 12288
+        secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    # MLflow: parent + children, metrics vs step/tokens/flops, artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("progrow_ray")
+    runs = client.search_runs([exp.experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    parent = by_name["tiny"]
+    assert parent.info.run_id == report["mlflow"]["parent_run_id"]
+    children = {n for n, r in by_name.items() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"search-fixed", "search-progressive", "phase1", "phase2", "baseline"} <= children
+    assert by_name["phase2"].data.tags["progrow.workers"] == "2"
+    history = client.get_metric_history(by_name["phase2"].info.run_id, "val_loss")
+    assert history and all(m.step > 0 for m in history)
+    assert client.get_metric_history(by_name["phase2"].info.run_id, "flops")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.json", "report.md", "config.yaml", "loss_vs_tokens.png", "loss_vs_flops.png"} <= artifacts
+    params = parent.data.params
+    assert params["train.total_tokens"] == "12288" and secret not in json.dumps(params)
+
+
+def test_rerun_resumes_a_killed_driver_and_skips_a_finished_run(text_corpus, prepared, tmp_path):
+    out = tmp_path / "out"
+    cmd = pipeline_cmd(text_corpus, prepared, out, "--set", "tune.enabled=false", "--set", "baseline.enabled=false",
+                       "--set", "train.total_tokens=16384")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    state_path = out / "tiny" / "pipeline_state.json"
+    deadline = time.time() + 400
+    # kill the driver once phase 2 has committed a checkpoint
+    while time.time() < deadline:
+        ckpts = list((out / "tiny" / "ray" / "tiny-phase2").glob("checkpoint_*/manifest.json")) \
+            if (out / "tiny" / "ray" / "tiny-phase2").exists() else []
+        if ckpts:
+            break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = json.loads(state_path.read_text())
+    assert "phase1" in state["phases"] and "phase2" not in state["phases"]
+    log = run(cmd)
+    assert "phase1: done earlier, skipped" in log
+    report = json.loads((out / "tiny" / "report.json").read_text())
+    p2 = json.loads(state_path.read_text())["phases"]["phase2"]
+    assert p2["tokens_end"] == 16384 and report["phases"][1]["name"] == "phase2"
+    assert report["baseline"] is None
+    again = run(cmd)
+    assert "already finished" in again
+
+
+def test_ray_job_submit_against_a_started_head(text_corpus, prepared, tmp_path):
+    gcs, dash = free_port(), free_port()
+    env = {**ENV, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--temp-dir={tmp_path / 'ray'}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
+                break
+            except OSError:
+                assert time.time() < deadline and head.poll() is None, "ray head did not start"
+                time.sleep(1)
+        out = tmp_path / "job"
+        cmd = [ray_bin, "job", "submit", "--address", address, "--", *pipeline_cmd(
+            text_corpus, prepared, out, "--set", "tune.enabled=false", "--set", "baseline.enabled=false")]
+        log = run(cmd, env=env, timeout=600)
+        assert "succeeded" in log.lower()
+        assert "connected to Ray at" in log
+        check_report_path = out / "tiny" / "report.json"
+        report = json.loads(check_report_path.read_text())
+        assert [p["name"] for p in report["phases"]] == ["phase1", "phase2"]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
