@@ -153,6 +153,8 @@ def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log
                                   stop=make_stopper(curves, settings), verbose=0),
     )
     log(f"tau search: {len(trials)} probes x <= {cap:,} tokens, expansion at {expand_at:,} tokens")
+    if cap == int(math.ceil(warmup / b) + 4) * b and not cfg.tune.max_search_tokens:
+        log("warning: tune.search_fraction leaves less than warmup + 4 steps per probe; using that minimum")
     grid = tuner.fit()
     summaries, search_flops = [], 0.0
     for res in grid:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -162,7 +163,7 @@ def test_ray_job_submit_against_a_started_head(text_corpus, prepared, tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             f"--temp-dir={tmp_path / 'ray'}"],
+                             f"--temp-dir={tempfile.mkdtemp(prefix='rh', dir='/tmp')}"],  # short: socket paths
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
@@ -183,9 +184,10 @@ def test_ray_job_submit_against_a_started_head(text_corpus, prepared, tmp_path):
         check_report_path = out / "tiny" / "report.json"
         report = json.loads(check_report_path.read_text())
         assert [p["name"] for p in report["phases"]] == ["phase1", "phase2"]
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+    finally:  # stop exactly the processes this test started (never `ray stop`)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)

@@ -1,0 +1,65 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from progrow_ray.core import ConfigError
+from progrow_ray.engine.config import load_run_config
+from progrow_ray.orchestration.config import PipelineConfig
+from progrow_ray.orchestration.tune_tau import align_tau, search_cap_tokens
+
+from ..s3 import make_bucket, s3_endpoint  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = Path(__file__).with_name("tiny.yaml")
+
+
+def load(*overrides):
+    return load_run_config(TINY, list(overrides), cls=PipelineConfig)
+
+
+def test_presets_load():
+    cfg = load()
+    assert cfg.ray.workers_large == 2 and cfg.phase2_batch_tokens == 1024
+    smoke = load_run_config(ROOT / "jobs" / "smoke.yaml", [], cls=PipelineConfig)
+    assert smoke.growth.batch_tokens_after > smoke.train.batch_tokens
+    assert smoke.ray.workers_large > smoke.ray.workers_small
+
+
+@pytest.mark.parametrize("override,match", [
+    ("ray.workers_large=0", "workers_large"),
+    ("ray.workers_large=3", "multiple of workers"),
+    ("tune.search_fraction=0", "search_fraction"),
+    ("tune.typo=1", "unknown config key"),
+    ("growth.enabled=false", "tune.enabled needs growth.enabled"),
+    ("ray.cpus_per_worker=-1", "cpus_per_worker"),
+])
+def test_bad_pipeline_settings(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load(override)
+
+
+def test_search_cap_respects_the_budget_and_tau_aligns_to_both_batches():
+    cfg = load("tune.search_fraction=0.1", "train.total_tokens=1228800", "schedule.warmup_frac=0.01")
+    cap = search_cap_tokens(cfg)
+    assert cap % cfg.train.batch_tokens == 0
+    from progrow_ray.core.flops import train_flops_per_unit
+
+    small = train_flops_per_unit(cfg.source_model_config(), seq_len=32)
+    large = train_flops_per_unit(cfg.target_model_config(), seq_len=32)
+    main = small * cfg.tau_tokens + large * (cfg.train.total_tokens - cfg.tau_tokens)
+    assert cap * (small + large) <= 0.1 * main
+    tau = align_tau(136_806, 2048, 8192, 196_608)
+    assert tau == 131_072 and (196_608 - tau) % 8192 == 0 and tau % 2048 == 0
+
+
+@pytest.mark.cluster
+def test_missing_bucket_fails_before_training(s3_endpoint, tmp_path):  # noqa: F811
+    make_bucket("exists")
+    p = subprocess.run([sys.executable, "-m", "progrow_ray.pipeline", "--config", str(TINY), "--out", "s3://missing/x"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip() == ("error: out s3://missing/x: S3 bucket 'missing' does not exist (or is not visible "
+                                "with these credentials); create it or point `out` elsewhere")
+    assert "Ray" not in p.stdout
