@@ -14,6 +14,15 @@ CORPUS_MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.p
                   "statistics.py", "difflib.py", "pprint.py", "ipaddress.py", "argparse.py"]
 
 
+@pytest.fixture
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1 with AWS_* set in the environment for the test's duration."""
+    from tests.s3 import moto_s3
+
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
 @pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory) -> Path:
     """~600 KB of real text in .txt files (no download)."""

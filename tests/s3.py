@@ -6,8 +6,6 @@ import contextlib
 import os
 import urllib.request
 
-import pytest
-
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value-d41d8cd9",
                "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -44,9 +42,3 @@ def make_bucket(name: str):
     fs = s3fs.S3FileSystem()
     fs.mkdir(name)
     return fs
-
-
-@pytest.fixture
-def s3_endpoint():
-    with moto_s3() as endpoint:
-        yield endpoint

@@ -14,7 +14,7 @@ from progrow_ray.data.prepare import PrepareSettings, prepare, read_meta
 from progrow_ray.data.sampler import CorruptDataError, TokenShards
 from progrow_ray.data.tokenizer import gpt2_encoding
 
-from ..s3 import make_bucket, s3_endpoint  # noqa: F401
+from ..s3 import make_bucket
 
 QUIET = dict(progress=False, log=lambda _: None)
 
@@ -65,7 +65,7 @@ def test_jsonl_and_parquet_sources(tmp_path):
 
 
 @pytest.mark.cluster
-def test_reads_and_writes_s3(text_corpus, tmp_path, s3_endpoint):  # noqa: F811
+def test_reads_and_writes_s3(text_corpus, tmp_path, s3_endpoint):
     fs = make_bucket("corpus")
     for p in sorted(text_corpus.iterdir()):
         fs.put(str(p), f"corpus/raw/{p.name}")

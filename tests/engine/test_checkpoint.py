@@ -5,7 +5,7 @@ import torch
 
 from progrow_ray.engine.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
 
-from ..s3 import make_bucket, s3_endpoint  # noqa: F401
+from ..s3 import make_bucket
 
 
 def files(step: int) -> dict:
@@ -69,7 +69,7 @@ def test_manager_keeps_newest_and_skips_a_corrupt_one(tmp_path):
 
 
 @pytest.mark.cluster
-def test_checkpoints_on_s3(s3_endpoint):  # noqa: F811
+def test_checkpoints_on_s3(s3_endpoint):
     fs = make_bucket("ckpt")
     m = CheckpointManager("s3://ckpt/run1", keep=1)
     m.save(1, files(1))

@@ -9,7 +9,7 @@ from progrow_ray.engine.config import load_run_config
 from progrow_ray.orchestration.config import PipelineConfig
 from progrow_ray.orchestration.tune_tau import align_tau, search_cap_tokens
 
-from ..s3 import make_bucket, s3_endpoint  # noqa: F401
+from ..s3 import make_bucket
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = Path(__file__).with_name("tiny.yaml")

@@ -30,6 +30,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Until ``url`` answers; fails if ``proc`` (the server) exits or the time runs out."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            assert time.time() < deadline and proc.poll() is None, f"{url} did not come up"
+            time.sleep(0.5)
+
+
 def pipeline_cmd(corpus, data_uri, out, *extra):
     return [sys.executable, "-m", "progrow_ray.pipeline", "--config", str(TINY), "--out", str(out),
             "--set", f"data.source={corpus}", "--set", f"data.uri={data_uri}", *extra]
@@ -70,14 +82,7 @@ def mlflow_server(tmp_path):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-                break
-            except OSError:
-                assert time.time() < deadline and proc.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
+        wait_http(f"{uri}/health", proc, 90)
         yield uri
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -167,14 +172,7 @@ def test_ray_job_submit_against_a_started_head(text_corpus, prepared, tmp_path):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).read()
-                break
-            except OSError:
-                assert time.time() < deadline and head.poll() is None, "ray head did not start"
-                time.sleep(1)
+        wait_http(f"{address}/api/version", head, 120)
         out = tmp_path / "job"
         cmd = [ray_bin, "job", "submit", "--address", address, "--", *pipeline_cmd(
             text_corpus, prepared, out, "--set", "tune.enabled=false", "--set", "baseline.enabled=false")]
