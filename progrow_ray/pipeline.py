@@ -46,8 +46,10 @@ def absolutize(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def tracking_uri(cfg: PipelineConfig, override: str | None) -> str:
-    if override or cfg.mlflow.tracking_uri:
-        return override or cfg.mlflow.tracking_uri
+    """--mlflow-uri, else mlflow.tracking_uri, else MLFLOW_TRACKING_URI (Kubernetes), else a sqlite file."""
+    chosen = override or cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if chosen:
+        return chosen
     base = cfg.out if not is_s3(cfg.out) else os.getcwd()
     return f"sqlite:///{os.path.abspath(base)}/mlflow.db"
 
@@ -136,7 +138,7 @@ class Pipeline:
             p2 = self.phase("phase2", run_cfg, workers=cfg.ray.workers_large, start_from=p1["checkpoint_path"])
             phases = [p1, p2]
         else:  # the verdict says train fixed-size: the main run is the target model from the start
-            phases = [self.phase("fixed", {**run_cfg, "growth": {"enabled": False}}, workers=cfg.ray.workers_large)]
+            phases = [self.phase("fixed", {**run_cfg, "growth": {"enabled": False}}, workers=cfg.fixed_size_workers())]
         baseline = None
         if cfg.baseline.enabled:
             baseline = self.phase("baseline", {**run_cfg, "growth": {"enabled": False}}, workers=cfg.ray.workers_large,

@@ -96,11 +96,12 @@ class TauPlan:
 
 def plan_tau(mix: MixResult, *, total_tokens: int, warmup_tokens: float, stable_end_tokens: float,
              small_flops_per_token: float, large_flops_per_token: float, search_flops: float = 0.0,
-             safety: float = 0.0) -> TauPlan:
+             safety: float = 0.0, align=None) -> TauPlan:
     """τ = end of stable phase − t_mix·(1 + safety), clamped to [end of warmup, end of stable phase].
 
     Falls back to fixed-size training (``expand=False``, τ = 0) when the curves did not mix, or when
-    mixing needs more tokens than the stable phase has. The search is a sunk cost when τ is chosen,
+    mixing needs more tokens than the stable phase has. ``align`` maps τ to a step boundary (whole
+    batches of both phases) before FLOPs and the verdict are computed. The search is a sunk cost when τ is chosen,
     so it does not change the decision; the verdict states the saving both with and without it.
     """
     require(total_tokens > 0 and 0 <= warmup_tokens <= stable_end_tokens <= total_tokens,
@@ -120,6 +121,8 @@ def plan_tau(mix: MixResult, *, total_tokens: int, warmup_tokens: float, stable_
         return fixed_size(f"mixing needs {needed:,.0f} tokens but the stable phase after warmup has "
                           f"{stable_end_tokens - warmup_tokens:,.0f}")
     tau = int(min(tau, stable_end_tokens))
+    if align is not None:
+        tau = int(align(tau))
     progressive = small_flops_per_token * tau + large_flops_per_token * (total_tokens - tau)
     if progressive >= fixed:
         return fixed_size("the small model costs as much per token as the large one")

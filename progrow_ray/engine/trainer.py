@@ -96,6 +96,9 @@ class Trainer:
             model_config = make_config(model_fields.pop("kind"), **model_fields)
         else:
             model_config = cfg.source_model_config() if self._expands_later() else cfg.target_model_config()
+        require(model_kind(model_config) != "resnet",
+                "model.kind=resnet trains on images, which this token engine does not read yet; use "
+                "`python -m progrow_ray.plan` to price it, or a language model kind (gpt, moe, llama)")
         vocab = getattr(model_config, "vocab_size", None)
         require(vocab is None or vocab >= self.train_data.vocab_size,
                 f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({self.train_data.vocab_size})")

@@ -82,12 +82,19 @@ class PipelineConfig(RunConfig):
         if self.growth.enabled:
             check_batch(self.phase2_batch_tokens, r.workers_large, self.train.micro_batch, self.data.seq_len,
                         "growth.batch_tokens_after")
-        check_batch(self.train.batch_tokens, r.workers_large, self.train.micro_batch, self.data.seq_len,
-                    "train.batch_tokens (the baseline runs on ray.workers_large)")
+        if self.baseline.enabled:
+            check_batch(self.train.batch_tokens, r.workers_large, self.train.micro_batch, self.data.seq_len,
+                        "train.batch_tokens (the baseline runs on ray.workers_large)")
         ls = t.lr_search
         require(not ls.enabled or (0 < ls.lr_min < ls.lr_max and ls.num_samples >= 1),
                 "tune.lr_search needs 0 < lr_min < lr_max and num_samples >= 1")
         return self
+
+    def fixed_size_workers(self) -> int:
+        """Workers for a fixed-size run at ``train.batch_tokens`` (baseline, or the no-saving verdict):
+        the most, up to ``ray.workers_large``, that split the batch evenly."""
+        per_worker = self.train.micro_batch * self.data.seq_len
+        return max(w for w in range(1, self.ray.workers_large + 1) if self.train.batch_tokens % (w * per_worker) == 0)
 
     @property
     def phase2_batch_tokens(self) -> int:

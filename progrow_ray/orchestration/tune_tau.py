@@ -182,8 +182,9 @@ def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log
     large = train_flops_per_unit(cfg.target_model_config(), seq_len=cfg.data.seq_len)
     plan: TauPlan = plan_tau(mix, total_tokens=cfg.train.total_tokens, warmup_tokens=sched.warmup_tokens,
                              stable_end_tokens=sched.stable_end_tokens, small_flops_per_token=small,
-                             large_flops_per_token=large, search_flops=search_flops, safety=cfg.tune.safety)
-    tau = align_tau(plan.tau_tokens, b, cfg.phase2_batch_tokens, cfg.train.total_tokens) if plan.expand else 0
+                             large_flops_per_token=large, search_flops=search_flops, safety=cfg.tune.safety,
+                             align=lambda t: align_tau(t, b, cfg.phase2_batch_tokens, cfg.train.total_tokens))
+    tau = plan.tau_tokens
     return {"t_mix_tokens": mix.t_mix_tokens, "tau_tokens": tau, "expand": plan.expand, "verdict": plan.verdict,
             "search_flops": search_flops, "cap_tokens": cap, "expand_at_tokens": expand_at,
             "mix": mix.to_dict(), "plan": plan.to_dict(), "trials": summaries, **extra}

@@ -1,0 +1,81 @@
+"""``python -m progrow_ray.plan jobs/X.yaml [--taus ...] [--gpu h100] [--mfu 0.4] [--t-mix TOKENS]``
+
+Prices a preset without training: FLOPs of fixed-size vs progressive training for a range of τ, GPU-hours
+at a given MFU on a given GPU, and the predicted saving — from the core's FLOPs model (6N + attention per
+token, active experts only for MoE, conv by conv per image for ResNet). With ``--t-mix`` it also applies
+the τ planner (τ = end of stable − t_mix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli import run_cli
+from .core.errors import require
+from .core.flops import plan_savings, train_flops_per_unit
+from .core.mixing import MixResult, plan_tau
+from .engine.config import load_run_config
+from .orchestration.config import PipelineConfig
+
+# Dense bf16 tensor-core peaks (vendor datasheets); H100/H200 measured here at ~790 TF/s (see README).
+GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "l4": 121.0, "b200": 2250.0}
+
+
+def plan(cfg: PipelineConfig, taus: list[float], gpu: str, mfu: float, t_mix_tokens: int | None) -> dict:
+    require(gpu in GPU_PEAK_TFLOPS, f"--gpu must be one of {sorted(GPU_PEAK_TFLOPS)}, got {gpu!r}")
+    require(0 < mfu <= 1, f"--mfu must be in (0, 1], got {mfu}")
+    target = cfg.target_model_config()
+    kw = {"seq_len": cfg.data.seq_len} if hasattr(target, "block_size") else {}
+    total = cfg.train.total_tokens
+    rows = plan_savings(target, cfg.growth.source_depth, total, taus, **kw)
+    rate = GPU_PEAK_TFLOPS[gpu] * 1e12 * mfu
+    sched = cfg.schedule_fn()
+    out = {
+        "name": cfg.name, "units": "images" if not kw else "tokens", "total_units": total,
+        "source_flops_per_unit": train_flops_per_unit(cfg.source_model_config(), **kw),
+        "target_flops_per_unit": train_flops_per_unit(target, **kw),
+        "gpu": gpu, "mfu": mfu, "decay_starts_at": sched.stable_end_tokens / total,
+        "rows": [{"tau_frac": r.tau_frac, "progressive_flops": r.progressive_flops, "fixed_flops": r.fixed_flops,
+                  "flops_fraction": r.flops_fraction, "speedup": r.speedup,
+                  "gpu_hours": r.progressive_flops / rate / 3600, "fixed_gpu_hours": r.fixed_flops / rate / 3600,
+                  "valid": r.tau_frac * total <= sched.stable_end_tokens} for r in rows],
+    }
+    if t_mix_tokens is not None:
+        p = plan_tau(MixResult(True, t_mix_tokens, None, None, 0.0), total_tokens=total,
+                     warmup_tokens=sched.warmup_tokens, stable_end_tokens=sched.stable_end_tokens,
+                     small_flops_per_token=out["source_flops_per_unit"], large_flops_per_token=out["target_flops_per_unit"])
+        out["tau_plan"] = p.to_dict()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m progrow_ray.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="a preset, e.g. jobs/gpt2-7b-60l.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--taus", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    parser.add_argument("--gpu", default="h100", help=f"one of {sorted(GPU_PEAK_TFLOPS)}")
+    parser.add_argument("--mfu", type=float, default=0.4)
+    parser.add_argument("--t-mix", type=int, default=None, help="measured mixing time in tokens (or images)")
+    args = parser.parse_args(argv)
+    cfg = load_run_config(args.config, args.set, cls=PipelineConfig)
+    taus = [float(t) for t in args.taus.split(",")]
+    p = plan(cfg, taus, args.gpu, args.mfu, args.t_mix)
+    u = p["units"]
+    print(f"{p['name']}: {p['total_units']:,} {u}; {p['source_flops_per_unit']:.3e} (source) vs "
+          f"{p['target_flops_per_unit']:.3e} (target) training FLOPs per {u[:-1]}")
+    print(f"GPU-hours on {args.gpu} at {args.mfu:.0%} MFU ({GPU_PEAK_TFLOPS[args.gpu]:.0f} TF/s dense bf16 peak)\n")
+    fixed = p["rows"][0]
+    print(f"{'tau/T':>6} {'FLOPs':>11} {'fraction':>9} {'speedup':>8} {'GPU-hours':>10} {'saved GPU-h':>12}")
+    print(f"{'fixed':>6} {fixed['fixed_flops']:>11.3e} {1:>9.1%} {1:>7.2f}x {fixed['fixed_gpu_hours']:>10,.0f} {0:>12,.0f}")
+    for r in p["rows"]:
+        note = "" if r["valid"] else "  (after the decay starts: mixing fails, paper §5.2)"
+        print(f"{r['tau_frac']:>6.2f} {r['progressive_flops']:>11.3e} {r['flops_fraction']:>9.1%} {r['speedup']:>7.2f}x "
+              f"{r['gpu_hours']:>10,.0f} {r['fixed_gpu_hours'] - r['gpu_hours']:>12,.0f}{note}")
+    if "tau_plan" in p:
+        print(f"\nwith t_mix = {args.t_mix:,} {u}: {p['tau_plan']['verdict']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
