@@ -14,7 +14,7 @@ import fsspec
 
 from .cli import run_cli
 from .data.prepare import PrepareSettings, prepare
-from .engine.config import RunConfig, load_run_config
+from .engine.config import PIPELINE_SECTIONS, RunConfig, load_run_config
 from .engine.trainer import NonFiniteLossError, Trainer, default_manager, run_dir
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
-    cfg = load_run_config(args.config, overrides)
+    cfg = load_run_config(args.config, overrides, ignore_sections=PIPELINE_SECTIONS)
     prepare_data(cfg)
     resume = None
     if not args.fresh:

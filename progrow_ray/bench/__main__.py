@@ -134,12 +134,12 @@ def throughput(args) -> dict:
 
 
 def savings(args) -> dict:
-    from ..engine.config import load_run_config
+    from ..engine.config import PIPELINE_SECTIONS, load_run_config
     from ..engine.trainer import Trainer
     from ..train import prepare_data
 
     taus = [float(t) for t in args.taus.split(",")]
-    base = load_run_config(args.config, args.set + [f"out={args.out}"])
+    base = load_run_config(args.config, args.set + [f"out={args.out}"], ignore_sections=PIPELINE_SECTIONS)
     prepare_data(base, log=lambda _: None)
 
     def one(name: str, **growth) -> dict:

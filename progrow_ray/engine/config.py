@@ -278,10 +278,16 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+# Sections only the Ray pipeline reads; single-process tools load presets without them.
+PIPELINE_SECTIONS = ("tune", "ray", "baseline", "mlflow")
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                    cls=RunConfig, world_size: int = 1):
+                    cls=RunConfig, world_size: int = 1, ignore_sections: tuple[str, ...] = ()):
     data = read_yaml(path) if path else {}
     data = deep_merge(data, parse_overrides(overrides or []))
+    for section in ignore_sections:
+        data.pop(section, None)
     cfg = from_dict(cls, data)
     return cfg.validate(world_size=world_size) if hasattr(cfg, "validate") else cfg
 

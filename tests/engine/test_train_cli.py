@@ -69,3 +69,12 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, prepared, text_corpus):
     assert p.returncode == 2
     assert out.strip().startswith("error: growth tau") and out.strip().count("\n") == 0
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_train_cli_reads_the_pipeline_presets():
+    """`python -m progrow_ray.train --config jobs/smoke.yaml` takes a pipeline preset; the Ray-only
+    sections are not its business (typos inside them are the pipeline's to report)."""
+    from progrow_ray.engine.config import PIPELINE_SECTIONS, load_run_config
+
+    cfg = load_run_config(ROOT / "jobs" / "smoke.yaml", [], ignore_sections=PIPELINE_SECTIONS)
+    assert cfg.name == "smoke" and cfg.growth.batch_tokens_after == 8192
