@@ -12,7 +12,7 @@ depth expansion without knowing anything about the model.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -198,7 +198,3 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
 
-
-def iter_params(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:
-    for g in optimizer.param_groups:
-        yield from g["params"]

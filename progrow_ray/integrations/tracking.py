@@ -78,14 +78,6 @@ class Tracker:
             self.log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def find_run(self, name: str, parent_id: str | None = None) -> str | None:
-        """A run of this experiment by name (and parent): lets a resumed pipeline reuse its runs."""
-        query = f"attributes.run_name = '{name}'"
-        if parent_id:
-            query += f" and tags.mlflow.parentRunId = '{parent_id}'"
-        runs = self._call(self.client.search_runs, [self.experiment_id], query, max_results=1)
-        return runs[0].info.run_id if runs else None
-
     def log_params(self, run_id: str | None, params: dict) -> None:
         if not run_id:
             return
@@ -125,13 +117,6 @@ class Tracker:
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if items:
             self._call(self.client.log_batch, run_id, metrics=items)
-
-    def set_tags(self, run_id: str | None, tags: dict) -> None:
-        if not run_id:
-            return
-        from mlflow.entities import RunTag
-
-        self._call(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, run_id: str | None, path: str) -> None:
         if run_id:
