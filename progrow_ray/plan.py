@@ -13,7 +13,7 @@ import sys
 
 from .cli import run_cli
 from .core.errors import require
-from .core.flops import plan_savings, train_flops_per_unit
+from .core.flops import plan_savings
 from .core.mixing import MixResult, plan_tau
 from .engine.config import load_run_config
 from .orchestration.config import PipelineConfig
@@ -31,10 +31,10 @@ def plan(cfg: PipelineConfig, taus: list[float], gpu: str, mfu: float, t_mix_tok
     rows = plan_savings(target, cfg.growth.source_depth, total, taus, **kw)
     rate = GPU_PEAK_TFLOPS[gpu] * 1e12 * mfu
     sched = cfg.schedule_fn()
+    source_flops, target_flops = cfg.flops_per_unit()
     out = {
         "name": cfg.name, "units": "images" if not kw else "tokens", "total_units": total,
-        "source_flops_per_unit": train_flops_per_unit(cfg.source_model_config(), **kw),
-        "target_flops_per_unit": train_flops_per_unit(target, **kw),
+        "source_flops_per_unit": source_flops, "target_flops_per_unit": target_flops,
         "gpu": gpu, "mfu": mfu, "decay_starts_at": sched.stable_end_tokens / total,
         "rows": [{"tau_frac": r.tau_frac, "progressive_flops": r.progressive_flops, "fixed_flops": r.fixed_flops,
                   "flops_fraction": r.flops_fraction, "speedup": r.speedup,

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from ..core.errors import ConfigError, require
-from ..core.flops import with_depth
+from ..core.flops import train_flops_per_unit, with_depth
 from ..core.growth import check_expansion
 from ..core.models import MODELS, make_config
 from ..core.schedule import make_schedule
@@ -101,6 +101,11 @@ class RunConfig:
     def source_model_config(self):
         target = self.target_model_config()
         return with_depth(target, self.growth.source_depth) if self.growth.enabled else target
+
+    def flops_per_unit(self) -> tuple[float, float]:
+        """Training FLOPs per token (per image for ResNet) of the source and the target model."""
+        return (train_flops_per_unit(self.source_model_config(), seq_len=self.data.seq_len),
+                train_flops_per_unit(self.target_model_config(), seq_len=self.data.seq_len))
 
     @property
     def tau_tokens(self) -> int | None:
@@ -258,10 +263,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 def deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for k, v in override.items():
-        if isinstance(v, dict) and isinstance(merged.get(k), dict) and k != "model":
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
             merged[k] = deep_merge(merged[k], v)
-        elif isinstance(v, dict) and isinstance(merged.get(k), dict):
-            merged[k] = {**merged[k], **v}
         else:
             merged[k] = v
     return merged

@@ -108,8 +108,7 @@ def search_cap_tokens(cfg) -> int:
     """Tokens per probe so that the probes' FLOPs stay within ``tune.search_fraction`` of the main run
     (estimated at the configured τ), rounded down to whole global batches, at least warmup + 4 batches."""
     t = cfg.tune
-    small = train_flops_per_unit(cfg.source_model_config(), seq_len=cfg.data.seq_len)
-    large = train_flops_per_unit(cfg.target_model_config(), seq_len=cfg.data.seq_len)
+    small, large = cfg.flops_per_unit()
     total = cfg.train.total_tokens
     tau = cfg.tau_tokens or 0
     main = small * tau + large * (total - tau)
@@ -178,8 +177,7 @@ def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log
         one = settings.mix(curves, "progressive-1")
         extra["one_layer_t_mix_tokens"] = one.t_mix_tokens if one else None
     sched = cfg.schedule_fn()
-    small = train_flops_per_unit(cfg.source_model_config(), seq_len=cfg.data.seq_len)
-    large = train_flops_per_unit(cfg.target_model_config(), seq_len=cfg.data.seq_len)
+    small, large = cfg.flops_per_unit()
     plan: TauPlan = plan_tau(mix, total_tokens=cfg.train.total_tokens, warmup_tokens=sched.warmup_tokens,
                              stable_end_tokens=sched.stable_end_tokens, small_flops_per_token=small,
                              large_flops_per_token=large, search_flops=search_flops, safety=cfg.tune.safety,

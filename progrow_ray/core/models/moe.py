@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import require
+from .base import residual_std
 from .gpt import GPT, MLP, Block, GPTConfig, dropout
 
 
@@ -119,7 +120,7 @@ class MoEGPT(GPT):
         block = super().new_block(group, position, group_depth)
         if isinstance(block.mlp, MoEMLP):
             nn.init.normal_(block.mlp.w_fc, mean=0.0, std=0.02)
-            nn.init.normal_(block.mlp.w_proj, mean=0.0, std=(0.02 / (2 * max(group_depth, 1)) ** 0.5))
+            nn.init.normal_(block.mlp.w_proj, mean=0.0, std=residual_std(group_depth))
         return block
 
     def moe_layers(self) -> list[MoEMLP]:
