@@ -82,13 +82,16 @@ def check_capacity(cfg: PipelineConfig, local: bool) -> None:
     if not local:
         return
     res = ray.cluster_resources()
-    need_cpu = cfg.ray.workers_large * cfg.ray.cpus_per_worker
+    workers = cfg.ray.workers_large + (cfg.ray.workers_small if cfg.ray.standby and cfg.growth.enabled else 0)
+    need_cpu = workers * cfg.ray.cpus_per_worker
+    what = (f"ray.workers_large={cfg.ray.workers_large}" +
+            (f" + ray.workers_small={cfg.ray.workers_small} (ray.standby)" if workers > cfg.ray.workers_large else ""))
     require(need_cpu <= res.get("CPU", 0),
-            f"ray.workers_large={cfg.ray.workers_large} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} needs "
-            f"{need_cpu:g} CPUs but the cluster has {res.get('CPU', 0):g}; lower them or raise ray.local_cpus")
-    require(not cfg.ray.use_gpu or cfg.ray.workers_large <= res.get("GPU", 0),
-            f"ray.use_gpu with ray.workers_large={cfg.ray.workers_large} needs that many GPUs; the cluster has "
-            f"{res.get('GPU', 0):g}")
+            f"{what} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} needs {need_cpu:g} CPUs but the cluster has "
+            f"{res.get('CPU', 0):g}; lower them, raise ray.local_cpus, or set ray.standby=false")
+    require(not cfg.ray.use_gpu or workers <= res.get("GPU", 0),
+            f"ray.use_gpu with {what} needs {workers} GPUs; the cluster has {res.get('GPU', 0):g}"
+            + ("; or set ray.standby=false" if workers > cfg.ray.workers_large else ""))
 
 
 class Pipeline:
@@ -128,21 +131,21 @@ class Pipeline:
         self.save_state()
         self.tracker, self.parent = tracker, parent
 
-        prepare_data(cfg, log=self.log)
+        prepare_data(cfg, log=lambda _: None)  # a no-op after main() prepared it; kept for library callers
         search = self.state.get("tau_search") or self.search()
         expand, tau = search["expand"], search["tau_tokens"]
         run_cfg = self.main_run_overrides(search)
         phases = []
         if expand:
-            p1 = self.phase("phase1", run_cfg, workers=cfg.ray.workers_small, until=tau, prewarm=True)
-            p2 = self.phase("phase2", run_cfg, workers=cfg.ray.workers_large, start_from=p1["checkpoint_path"])
-            phases = [p1, p2]
+            phases = self.progressive(run_cfg, tau)
         else:  # the verdict says train fixed-size: the main run is the target model from the start
             phases = [self.phase("fixed", {**run_cfg, "growth": {"enabled": False}}, workers=cfg.fixed_size_workers())]
         baseline = None
         if cfg.baseline.enabled:
             baseline = self.phase("baseline", {**run_cfg, "growth": {"enabled": False}}, workers=cfg.ray.workers_large,
                                   tags={"progrow.phase": "baseline"})
+        for name in self.state.get("phases", {}):
+            self.track_phase(name)
         report = self.report(search, phases, baseline)
         self.state["done"] = True
         self.save_state()
@@ -184,12 +187,67 @@ class Pipeline:
                                                 "train_loss": c["train_loss"]} for i, c in enumerate(trial["curve"])])
                 self.tracker.end(rid)
         self.log(f"tau search: {result['verdict']}")
+        result = self.apply_no_saving_policy(result)
         self.state["tau_search"] = result
         self.save_state()
         return result
 
+    def progressive(self, run_cfg: dict, tau: int) -> list[dict]:
+        """Phase 1 until τ, then phase 2. With ``ray.standby`` phase 2's fit starts alongside phase 1:
+        its workers start, import and join their process group, then wait for phase 1's checkpoint, so
+        the switch at τ costs a checkpoint read and the expansion instead of a worker-group start."""
+        import threading
+
+        from .orchestration.phases import write_handoff
+
+        cfg, done = self.cfg, self.state.get("phases", {})
+        standby = cfg.ray.standby and "phase1" not in done and "phase2" not in done
+        if not standby:
+            # phase 1 goes to MLflow once phase 2 runs: nothing but Ray stands between tau and phase 2
+            p1 = self.phase("phase1", run_cfg, workers=cfg.ray.workers_small, until=tau, prewarm=True, track=False)
+            p2 = self.phase("phase2", run_cfg, workers=cfg.ray.workers_large, start_from=p1["checkpoint_path"])
+            return [p1, p2]
+        handoff = {"path": f"{self.storage_path}/{cfg.name}-phase2-handoff.json", "filesystem": self.storage_fs}
+        outcome: dict = {}
+
+        def run_phase2() -> None:
+            try:
+                outcome["p2"] = self.phase("phase2", run_cfg, workers=cfg.ray.workers_large, handoff=handoff)
+            except BaseException as e:  # re-raised on the driver's main thread
+                outcome["error"] = e
+
+        self.log(f"phase2: standby on {cfg.ray.workers_large} worker(s) until phase 1 reaches tau")
+        thread = threading.Thread(target=run_phase2, name="phase2-standby", daemon=True)
+        thread.start()
+        try:
+            p1 = self.phase("phase1", run_cfg, workers=cfg.ray.workers_small, until=tau, track=False)
+        except BaseException as e:
+            write_handoff(handoff["path"], handoff["filesystem"], {"abort": f"phase 1 failed: {type(e).__name__}"})
+            thread.join(timeout=60)
+            raise
+        write_handoff(handoff["path"], handoff["filesystem"], {"checkpoint_path": p1["checkpoint_path"]})
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return [p1, outcome["p2"]]
+
+    def apply_no_saving_policy(self, result: dict) -> dict:
+        """``tune.on_no_saving=expand``: expand at the configured τ although the verdict says fixed-size."""
+        cfg = self.cfg
+        if result["expand"] or cfg.tune.on_no_saving != "expand":
+            return result
+        from .orchestration.tune_tau import align_tau
+
+        tau = align_tau(cfg.tau_tokens, cfg.train.batch_tokens, cfg.phase2_batch_tokens, cfg.train.total_tokens)
+        note = (f"tune.on_no_saving=expand: expanding anyway at the configured tau = {tau:,} tokens "
+                f"({tau / cfg.train.total_tokens:.0%} of the horizon)")
+        self.log(f"tau search: {note}")
+        return {**result, "expand": True, "tau_tokens": tau, "verdict_expand": False,
+                "verdict": f"{result['verdict']} -- {note}"}
+
     def phase(self, name: str, overrides: dict, *, workers: int, until: int | None = None,
-              start_from: str | None = None, prewarm: bool = False, tags: dict | None = None) -> dict:
+              start_from: str | None = None, prewarm: bool = False, tags: dict | None = None,
+              track: bool = True, handoff: dict | None = None) -> dict:
         from ray.train import Checkpoint
 
         from .orchestration.phases import run_config_dict, run_phase
@@ -207,7 +265,7 @@ class Pipeline:
         try:
             outcome = run_phase(name, run, workers=workers, storage_path=self.storage_path,
                                 storage_filesystem=self.storage_fs, ray_cfg=cfg.ray, until_tokens=until,
-                                start_from=start_ckpt, run_name=f"{cfg.name}-{name}")
+                                start_from=start_ckpt, handoff=handoff, run_name=f"{cfg.name}-{name}")
         finally:
             if warm is not None:
                 warm.release()
@@ -227,16 +285,36 @@ class Pipeline:
             expand = [e for e in outcome.history if e.get("event") == "expand"]
             phase1_end = self.state["phases"]["phase1"]["end_time"]
             summary["phase_switch_s"] = (expand[-1]["time"] - phase1_end) if expand else None
-        rid = self.tracker.start_run(name, parent_id=self.parent, params=run,
-                                     tags={"progrow.phase": name, "progrow.depth": r["depth"], "progrow.workers": workers,
-                                           **(tags or {})})
-        self.tracker.log_history(rid, outcome.history)
-        self.tracker.end(rid)
+            if expand and outcome.handoff_time:  # standby: phase 1's fit ends + handoff, then restore + expand
+                summary["phase_switch_breakdown"] = {
+                    "handoff_s": outcome.handoff_time - phase1_end,
+                    "restore_and_expand_s": expand[-1]["time"] - outcome.handoff_time}
+            elif expand:  # where the switch goes: the driver between fits, worker start-up, restore + expand
+                summary["phase_switch_breakdown"] = {
+                    "between_fits_s": outcome.fit_start_time - phase1_end,
+                    "workers_start_s": outcome.loop_start_time - outcome.fit_start_time,
+                    "restore_and_expand_s": expand[-1]["time"] - outcome.loop_start_time}
+        summary["mlflow"] = {"params": run, "tags": {"progrow.phase": name, "progrow.depth": r["depth"],
+                                                     "progrow.workers": workers, **(tags or {})}, "run_id": None}
         self.state.setdefault("phases", {})[name] = summary
         self.save_state()
+        if track:
+            self.track_phase(name)
         self.log(f"{name}: {r['tokens']:,} tokens, depth {r['depth']}, train loss {r['train_loss']:.4f}, "
                  f"val loss {r['val_loss'] if r['val_loss'] is not None else float('nan'):.4f} ({outcome.fit_s:.0f} s)")
         return summary
+
+    def track_phase(self, name: str) -> None:
+        """One MLflow child run per phase, once (the run id is kept in the state file)."""
+        summary = self.state["phases"][name]
+        mlflow = summary.get("mlflow")
+        if not mlflow or mlflow["run_id"]:
+            return
+        rid = self.tracker.start_run(name, parent_id=self.parent, params=mlflow["params"], tags=mlflow["tags"])
+        self.tracker.log_history(rid, summary["history"])
+        self.tracker.end(rid)
+        mlflow["run_id"] = rid or "disabled"
+        self.save_state()
 
     # ---- report ---------------------------------------------------------------------------------
     def report(self, search: dict, phases: list[dict], baseline: dict | None) -> dict:
@@ -255,13 +333,15 @@ class Pipeline:
         report = {
             "config": to_dict(cfg),
             "tau_search": {k: search.get(k) for k in ("t_mix_tokens", "tau_tokens", "verdict", "search_flops", "trials",
-                                                      "expand", "cap_tokens", "expand_at_tokens")},
+                                                      "expand", "verdict_expand", "cap_tokens",
+                                                      "expand_at_tokens")},
             "lr_search": self.state.get("lr_search"),
             "phases": [{k: p[k] for k in keep} for p in phases],
             "progressive": progressive,
             "baseline": base,
             "savings": savings,
             "overheads": {"phase_switch_s": phases[-1].get("phase_switch_s") if len(phases) > 1 else None,
+                          "phase_switch_breakdown": phases[-1].get("phase_switch_breakdown") if len(phases) > 1 else None,
                           "search_flops_fraction": search["search_flops"] / prog_flops},
             "mlflow": {"tracking_uri": self.tracking_uri, "experiment_id": self.tracker.experiment_id,
                        "parent_run_id": self.parent},
@@ -321,9 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
     cfg = load_run_config(args.config or DEFAULT_CONFIG, overrides, cls=PipelineConfig)
     cfg = absolutize(cfg)
-    check_writable(cfg.out)
     started = time.time()
+    from .train import prepare_data
+
+    prepare_data(cfg)  # the data is checked (and prepared once) before anything of the run is written
+    check_writable(cfg.out)
     pipeline = Pipeline(cfg, args.mlflow_uri)
+    pipeline.check_same_run()
     if pipeline.state.get("done"):
         print(f"run {cfg.name!r} already finished; its report: {join(pipeline.root, 'report.json')}")
         report = read_json(join(pipeline.root, "report.json"))

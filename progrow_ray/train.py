@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, resume=resume, on_metrics=write)
         result = trainer.run(progress_bar=not args.no_progress)
-    except NonFiniteLossError as e:
+    except NonFiniteLossError as e:  # a setting to fix (lr, data), like any other bad input: exit 2
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         fh.close()
     print("\n".join(["summary:"] + summary_lines(result, cfg)))

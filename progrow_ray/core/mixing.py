@@ -5,6 +5,11 @@ meets the fixed-size run's: here, until the smoothed relative gap (prog - fixed)
 ``rel_tol`` and stays there for ``window_tokens``. Under WSD it hardly depends on when the expansion
 happens during the stable phase (Takeaway 6), so two short runs with the expansion right after
 warmup measure it, and the full run expands at τ = end of the stable phase − t_mix.
+
+Early in training every depth learns the same unigram statistics, so a freshly expanded model "meets"
+the fixed one almost at once — a meeting that says nothing about how long depth takes to pay off.
+Given a third curve, the source model never expanded, mixing only counts from a point where depth
+has a measurable advantage: (source - fixed) / fixed >= ``min_advantage_rel``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ class MixResult:
     mixed_at_tokens: int | None  # absolute token count where the mixed window starts
     gap_after_mix_rel: float | None  # worst smoothed relative gap inside the mixed window
     last_gap_rel: float  # smoothed relative gap at the last common point
+    depth_advantage_rel: float | None = None  # (source - fixed) / fixed at the last point, if a source curve was given
+    note: str = ""  # why it did not mix, in words
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,14 +58,17 @@ def _curve(tokens: Sequence[float], losses: Sequence[float], name: str) -> tuple
 
 def t_mix(fixed_tokens: Sequence[float], fixed_loss: Sequence[float], prog_tokens: Sequence[float],
           prog_loss: Sequence[float], expand_at_tokens: float, rel_tol: float = 0.01,
-          window_tokens: float = 0.0, smoothing: float = 0.0) -> MixResult:
+          window_tokens: float = 0.0, smoothing: float = 0.0, source_tokens: Sequence[float] | None = None,
+          source_loss: Sequence[float] | None = None, min_advantage_rel: float = 0.0) -> MixResult:
     """Mixing time of a progressive curve against a fixed-size one (both loss vs tokens).
 
     The fixed curve is interpolated at the progressive curve's points after the expansion; a point
     counts as mixed when every gap from it to ``window_tokens`` later is <= ``rel_tol`` — and that
-    whole window must have been observed.
+    whole window must have been observed. With a ``source`` curve (the small model, never expanded),
+    the window must also start where the fixed model beats the source by ``min_advantage_rel``.
     """
     require(rel_tol >= 0, f"rel_tol must be >= 0, got {rel_tol}")
+    require(min_advantage_rel >= 0, f"min_advantage_rel must be >= 0, got {min_advantage_rel}")
     require(window_tokens >= 0, f"window_tokens must be >= 0, got {window_tokens}")
     ft, fl = _curve(fixed_tokens, fixed_loss, "fixed curve")
     pt, pl = _curve(prog_tokens, prog_loss, "progressive curve")
@@ -70,15 +80,28 @@ def t_mix(fixed_tokens: Sequence[float], fixed_loss: Sequence[float], prog_token
     gap = (pl - fixed_at) / fixed_at
     last = float(gap[-1])
     ok = gap <= rel_tol
+    advantage = None
+    if source_tokens is not None:
+        st, sl = _curve(source_tokens, source_loss, "source curve")
+        advantage = (np.interp(pt, st, ema(sl, smoothing)) - fixed_at) / fixed_at
+        advantage[pt > st[-1]] = -np.inf  # not observed: cannot count
+    can_start = np.ones(len(pt), bool) if advantage is None else advantage >= min_advantage_rel
     for i in range(len(pt)):
         end = pt[i] + window_tokens
         if end > pt[-1]:
             break
         inside = (pt >= pt[i]) & (pt <= end)
-        if ok[inside].all():
+        if can_start[i] and ok[inside].all():
             start = int(round(pt[i]))
-            return MixResult(True, int(round(pt[i] - expand_at_tokens)), start, float(gap[inside].max()), last)
-    return MixResult(False, None, None, None, last)
+            return MixResult(True, int(round(pt[i] - expand_at_tokens)), start, float(gap[inside].max()), last,
+                             None if advantage is None else float(advantage[i]))
+    last_adv = None if advantage is None or not np.isfinite(advantage[-1]) else float(advantage[-1])
+    if advantage is not None and not can_start.any():
+        note = (f"depth showed no measurable advantage within the search (the fixed model beats the source by "
+                f"{last_adv if last_adv is not None else float('nan'):+.2%} < {min_advantage_rel:.2%})")
+    else:
+        note = f"the curves did not mix within the search (last gap {last:+.2%})"
+    return MixResult(False, None, None, None, last, last_adv, note)
 
 
 @dataclass(frozen=True)
@@ -114,7 +137,7 @@ def plan_tau(mix: MixResult, *, total_tokens: int, warmup_tokens: float, stable_
                        f"no saving at this horizon: {reason}; train fixed-size")
 
     if not mix.mixed:
-        return fixed_size(f"the curves did not mix within the search (last gap {mix.last_gap_rel:+.2%})")
+        return fixed_size(mix.note or f"the curves did not mix within the search (last gap {mix.last_gap_rel:+.2%})")
     needed = mix.t_mix_tokens * (1 + safety)
     tau = stable_end_tokens - needed
     if tau <= warmup_tokens:

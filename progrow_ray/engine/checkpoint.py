@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from typing import Any, Callable
 
@@ -45,8 +46,36 @@ def _decode(name: str, data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+RETRY_DELAYS_S = (0.5, 1, 2, 4, 8, 16)  # ~30 s of backoff: rides out an object store restart or a network blip
+
+
+# Transport errors by class name, so the engine need not import botocore / aiohttp to recognise them.
+TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                   "ClientConnectorError", "ServerDisconnectedError"}
+
+
+def is_transient(e: BaseException) -> bool:
+    if isinstance(e, (FileNotFoundError, PermissionError)):
+        return False
+    return isinstance(e, (ConnectionError, TimeoutError, OSError)) or any(
+        c.__name__ in TRANSIENT_NAMES for c in type(e).__mro__)
+
+
+def with_retries(op: Callable[[], Any], what: str, delays=RETRY_DELAYS_S, log: Callable[[str], None] = print):
+    """Run ``op``; on a transport error retry with exponential backoff, then give up with the last error."""
+    for delay in (*delays, None):
+        try:
+            return op()
+        except Exception as e:  # noqa: BLE001 - only transport errors are retried, see is_transient
+            if delay is None or not is_transient(e):
+                raise
+            log(f"warning: {what} failed ({type(e).__name__}); retrying in {delay:g} s")
+            time.sleep(delay)
+
+
 def write_checkpoint(uri: str, files: dict[str, Any]) -> str:
-    """Write ``{"model.pt": state_dict, "state.json": {...}, ...}`` to directory ``uri``."""
+    """Write ``{"model.pt": state_dict, "state.json": {...}, ...}`` to directory ``uri``. Remote
+    writes are retried with backoff; the manifest, written last, marks the directory complete."""
     fs, path = fsspec.core.url_to_fs(uri)
     blobs = {name: _encode(name, obj) for name, obj in files.items()}
     manifest = {"format": FORMAT, "files": {n: hashlib.sha256(b).hexdigest() for n, b in blobs.items()}}
@@ -54,12 +83,20 @@ def write_checkpoint(uri: str, files: dict[str, Any]) -> str:
     target = path
     if local:
         path = os.path.join(os.path.dirname(path.rstrip("/")), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    fs.makedirs(path, exist_ok=True)
-    for name, data in blobs.items():
+    if local:
+        fs.makedirs(path, exist_ok=True)
+    else:
+        with_retries(lambda: fs.makedirs(path, exist_ok=True), f"checkpoint write {uri}")
+
+    def put(name: str, data: bytes) -> None:
         with fs.open(f"{path}/{name}", "wb") as fh:
             fh.write(data)
-    with fs.open(f"{path}/{MANIFEST}", "wb") as fh:  # last: marks the directory complete
-        fh.write(json.dumps(manifest, indent=1).encode())
+
+    for name, data in [*blobs.items(), (MANIFEST, json.dumps(manifest, indent=1).encode())]:
+        if local:
+            put(name, data)
+        else:
+            with_retries(lambda: put(name, data), f"checkpoint write {uri}/{name}")
     if local:
         if os.path.exists(target):
             shutil.rmtree(target)

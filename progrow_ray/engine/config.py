@@ -7,6 +7,7 @@ sections on top. Every mistake is a ``ConfigError`` naming the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ from ..core.models import MODELS, make_config
 from ..core.schedule import make_schedule
 
 
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+GPT2_VOCAB = 50257  # the data pipeline's tokenizer (progrow_ray.data.tokenizer.VOCAB_SIZE)
+
+
 @dataclass(frozen=True)
 class GrowthSection:
     enabled: bool = True  # False: a fixed-size run of the target model
@@ -32,6 +37,10 @@ class GrowthSection:
     tau_tokens: int | None = None  # ... or in tokens (wins when set)
     batch_tokens_after: int | None = None  # global batch after τ (default: train.batch_tokens)
     copy_optimizer_state: bool = False
+    # Multi-stage (paper §6): earlier expansions before τ, e.g. [{depth: 6, tau_frac: 0.3}] for 0 -> 6 -> 12.
+    # Each entry: depth (int) and tau_frac or tau_tokens; depths and taus strictly increase, all before τ.
+    stages: list = field(default_factory=list)
+    allow_tau_in_decay: bool = False  # research only: expand after the decay started (paper Fig. 5 cosine sweep)
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,21 @@ class RunConfig:
         return (train_flops_per_unit(self.source_model_config(), seq_len=self.data.seq_len),
                 train_flops_per_unit(self.target_model_config(), seq_len=self.data.seq_len))
 
+    def expansion_points(self) -> list[tuple[int, Any]]:
+        """[(tokens, depth)] of every expansion in order, the last one at τ to the target depth."""
+        if not self.growth.enabled:
+            return []
+        target = self.target_model_config()
+        points = []
+        for i, st in enumerate(self.growth.stages):
+            require(isinstance(st, dict) and set(st) <= {"depth", "tau_frac", "tau_tokens"} and "depth" in st
+                    and ("tau_frac" in st or "tau_tokens" in st),
+                    f"growth.stages[{i}] must be {{depth: N, tau_frac: F}} or {{depth: N, tau_tokens: T}}, got {st!r}")
+            tokens = st["tau_tokens"] if st.get("tau_tokens") is not None else int(st["tau_frac"] * self.train.total_tokens)
+            points.append((int(tokens), st["depth"]))
+        points.append((self.tau_tokens, list(target.blocks) if hasattr(target, "blocks") else target.n_layer))
+        return points
+
     @property
     def tau_tokens(self) -> int | None:
         """Expansion point in tokens; None for a fixed-size run."""
@@ -133,7 +157,18 @@ class RunConfig:
         require(t.checkpoint_every_tokens is None or t.checkpoint_every_tokens > 0,
                 "train.checkpoint_every_tokens must be > 0 or null")
         check_batch(t.batch_tokens, world_size, t.micro_batch, d.seq_len, "train.batch_tokens")
+        o = self.optimizer
+        from ..core.optim import FAMILIES
+
+        require(o.name in FAMILIES, f"optimizer.name must be one of {list(FAMILIES)}, got {o.name!r}")
+        require(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
+        require(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+        require(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
         target = self.target_model_config()
+        vocab = getattr(target, "vocab_size", None)
+        require(vocab is None or vocab >= GPT2_VOCAB,
+                f"model.vocab_size ({vocab}) is smaller than the GPT-2 tokenizer's ({GPT2_VOCAB}); use >= {GPT2_VOCAB} "
+                "(50304 pads it to a multiple of 64)")
         require(getattr(target, "block_size", d.seq_len) >= d.seq_len,
                 f"data.seq_len ({d.seq_len}) exceeds model.block_size ({getattr(target, 'block_size', None)})")
         schedule = self.schedule_fn()
@@ -141,13 +176,22 @@ class RunConfig:
             require(g.tau_tokens is not None or (g.tau_frac is not None and 0 <= g.tau_frac <= 1),
                     f"growth.tau_frac must be in [0, 1] (or set growth.tau_tokens), got {g.tau_frac}")
             tau = self.tau_tokens
-            require(0 <= tau <= schedule.stable_end_tokens,
+            require(0 <= tau <= (t.total_tokens if g.allow_tau_in_decay else schedule.stable_end_tokens),
                     f"growth tau ({tau:,} tokens) is beyond the decay start ({schedule.stable_end_tokens:,.0f}): "
                     "expand during warmup or the stable phase (paper §5.2), lower growth.tau_frac")
             if g.batch_tokens_after is not None:
                 require(g.batch_tokens_after >= t.batch_tokens,
                         f"growth.batch_tokens_after ({g.batch_tokens_after}) must be >= train.batch_tokens ({t.batch_tokens})")
             self.check_growth()
+            points = self.expansion_points()
+            depths = [self.growth.source_depth] + [d for _, d in points]
+            require(all(isinstance(d, int) for d in depths) or len(points) == 1,
+                    "growth.stages needs integer depths (language models)")
+            require(all(a < b for a, b in zip([t for t, _ in points], [t for t, _ in points][1:])),
+                    f"growth.stages: expansion points must come before tau and strictly increase, got "
+                    f"{[t for t, _ in points]} tokens")
+            require(len(points) == 1 or all(a < b for a, b in zip(depths, depths[1:])),
+                    f"growth.stages: depths must strictly increase from the source to model.n_layer, got {depths}")
         return self
 
     def check_growth(self) -> None:
@@ -192,12 +236,19 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         require(len(value) == len(args), f"{key} must have {len(args)} items, got {len(value)}")
         return tuple(_check_type(v, a, key) for v, a in zip(value, args))
+    if tp is list:
+        require(isinstance(value, (list, tuple)), f"{key} must be a list, got {value!r}")
+        return list(value)
     if tp is dict:
         require(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
         return value
     if tp is bool:
         require(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
         return value
+    if isinstance(value, str) and tp in (int, float) and SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e6 (no dot) as a string; users mean the number
+        if tp is int and value.is_integer():
+            value = int(value)
     if tp is int:
         require(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
         return value

@@ -191,14 +191,15 @@ class Trainer:
 
     def _maybe_expand(self) -> None:
         cfg = self.cfg
-        if not self._expands_later() or self.progress.tokens < cfg.tau_tokens:
+        points = cfg.expansion_points()
+        done = len(self.progress.growth)  # expansions so far (multi-stage: more than one)
+        if not self._expands_later() or done >= len(points) or self.progress.tokens < points[done][0]:
             return
-        target = cfg.target_model_config()
-        target_depth = list(target.blocks) if hasattr(target, "blocks") else target.n_layer
+        target_depth = points[done][1]
         record = expand_depth(self.model, target_depth, cfg.growth.method, optimizer=self.optimizer,
                               copy_optimizer_state=cfg.growth.copy_optimizer_state,
-                              generator_seed=cfg.train.seed * 1_000_003 + 17)
-        self.progress.expanded = True
+                              generator_seed=cfg.train.seed * 1_000_003 + 17 + done)
+        self.progress.expanded = done + 1 == len(points)
         self.progress.expanded_at_tokens = self.progress.tokens
         self.progress.growth.append({**record.to_dict(), "tokens": self.progress.tokens, "step": self.progress.step})
         self._prepare_step_model()
@@ -284,22 +285,24 @@ class Trainer:
 
             bar = tqdm(total=stop, initial=min(p.tokens, stop), unit="tok", unit_scale=True, desc=cfg.name)
         started = time.perf_counter()
-        while p.tokens < stop:
-            self._maybe_expand()
-            before = p.tokens
-            self.train_step()
+        try:  # the bar ends its line even when training stops with an error
+            while p.tokens < stop:
+                self._maybe_expand()
+                before = p.tokens
+                self.train_step()
+                if bar is not None:
+                    bar.update(p.tokens - before)
+                    bar.set_postfix(depth=self.depth, loss=p.train_loss, refresh=False)
+                if p.step % cfg.train.log_every == 0 or p.tokens >= stop:
+                    self._log_interval()
+                if crossed(before, p.tokens, cfg.train.eval_every_tokens) or p.tokens >= cfg.train.total_tokens:
+                    self.evaluate()
+                every = cfg.train.checkpoint_every_tokens
+                if every and crossed(before, p.tokens, every) and p.tokens < stop:
+                    self.save("periodic")
+        finally:
             if bar is not None:
-                bar.update(p.tokens - before)
-                bar.set_postfix(depth=self.depth, loss=p.train_loss, refresh=False)
-            if p.step % cfg.train.log_every == 0 or p.tokens >= stop:
-                self._log_interval()
-            if crossed(before, p.tokens, cfg.train.eval_every_tokens) or p.tokens >= cfg.train.total_tokens:
-                self.evaluate()
-            every = cfg.train.checkpoint_every_tokens
-            if every and crossed(before, p.tokens, every) and p.tokens < stop:
-                self.save("periodic")
-        if bar is not None:
-            bar.close()
+                bar.close()
         if p.tokens >= cfg.train.total_tokens and p.val_loss_tokens != p.tokens:
             self.evaluate()
         checkpoint = self.save("end" if p.tokens >= cfg.train.total_tokens else "phase")

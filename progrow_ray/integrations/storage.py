@@ -40,12 +40,30 @@ def ray_storage(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
     return os.path.abspath(uri), None
 
 
+def check_endpoint(timeout_s: float = 5.0) -> None:
+    """s3fs reports an unreachable endpoint as a missing bucket; look for a listener first."""
+    import socket
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+        endpoint = f"https://s3.{region}.amazonaws.com"
+    parsed = urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"S3 endpoint {endpoint} is not reachable ({type(e).__name__}): run storage is not "
+                          "reachable; check the endpoint and credentials in the environment") from None
+
+
 def check_writable(uri: str) -> None:
     """Fail fast, before any training, when the run storage cannot be reached or written."""
     fs, path = fsspec.core.url_to_fs(uri)
     probe = f"{path.rstrip('/')}/.progrow_ray_write_check"
     try:
         if is_s3(uri):
+            check_endpoint()
             bucket = path.split("/", 1)[0]
             if not fs.exists(bucket):
                 raise ConfigError(f"out {uri}: S3 bucket {bucket!r} does not exist (or is not visible with these "

@@ -43,6 +43,7 @@ class Tracker:
         self.tracking_uri, self.log, self.enabled = tracking_uri, log, True
         self.experiment_id: str | None = None
         try:
+            self._probe(tracking_uri)
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri)
@@ -51,15 +52,32 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             self._fail(e)
 
+    @staticmethod
+    def _probe(uri: str, timeout_s: float = 5.0) -> None:
+        """A server that does not answer fails here in seconds, not after MLflow's minutes of HTTP retries."""
+        import urllib.error
+        import urllib.request
+
+        if not uri.startswith(("http://", "https://")):
+            return
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).read()
+        except urllib.error.HTTPError:
+            return  # it answered (auth, proxy, no /health): let the client decide
+        except OSError as e:
+            raise ConnectionError(f"no answer from {uri}") from e
+
     def _fail(self, e: Exception) -> None:
         if self.enabled:
             self.log(f"warning: MLflow at {self.tracking_uri} is unavailable ({type(e).__name__}); "
                      "training continues without tracking")
         self.enabled = False
 
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, method: str, *args, **kwargs):
+        """``self.client.<method>(...)``, or None once tracking is off (MLflow unreachable)."""
         if not self.enabled:
             return None
+        fn = getattr(self.client, method)
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
@@ -71,7 +89,7 @@ class Tracker:
         tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
-        run = self._call(self.client.create_run, self.experiment_id, tags=tags, run_name=name)
+        run = self._call("create_run", self.experiment_id, tags=tags, run_name=name)
         if run is None:
             return None
         if params:
@@ -85,7 +103,7 @@ class Tracker:
 
         items = [Param(k, v) for k, v in scrub(flatten(params)).items()]
         for i in range(0, len(items), 100):
-            self._call(self.client.log_batch, run_id, params=items[i:i + 100])
+            self._call("log_batch", run_id, params=items[i:i + 100])
 
     def log_history(self, run_id: str | None, history: Iterable[dict], step_offset: int = 0) -> None:
         """Metric events (engine format) against the global step; ``tokens`` and ``flops`` are metrics
@@ -104,7 +122,7 @@ class Tracker:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     metrics.append(Metric(k, float(v), ts, step))
         for i in range(0, len(metrics), 900):
-            self._call(self.client.log_batch, run_id, metrics=metrics[i:i + 900])
+            self._call("log_batch", run_id, metrics=metrics[i:i + 900])
 
     def log_metrics(self, run_id: str | None, values: dict[str, Any], step: int = 0) -> None:
         """Summary numbers (final losses, FLOPs fraction, ...) at one step; None values are left out."""
@@ -116,12 +134,12 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in values.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if items:
-            self._call(self.client.log_batch, run_id, metrics=items)
+            self._call("log_batch", run_id, metrics=items)
 
     def log_artifact(self, run_id: str | None, path: str) -> None:
         if run_id:
-            self._call(self.client.log_artifact, run_id, path)
+            self._call("log_artifact", run_id, path)
 
     def end(self, run_id: str | None, status: str = "FINISHED") -> None:
         if run_id:
-            self._call(self.client.set_terminated, run_id, status)
+            self._call("set_terminated", run_id, status)

@@ -27,6 +27,11 @@ class TuneSection:
     window_frac: float = 0.1  # ... for this share of the probe horizon after the expansion
     smoothing: float = 0.6  # EMA weight of the past on the loss curves
     safety: float = 0.0  # tau = stable end - t_mix * (1 + safety)
+    # A third probe, the source model never expanded: mixing counts only where the fixed model beats it by
+    # this much (relative), so the trivial early agreement of every depth is not taken for mixing. 0: no probe.
+    min_depth_advantage: float = 0.02
+    on_no_saving: str = "fixed"  # verdict "no saving": "fixed" trains fixed-size; "expand" still expands at
+    # growth.tau_frac / tau_tokens (demos, ablations) and the report says the verdict was overridden
     one_layer_probe: bool = False  # also probe a one-layer source (reported, not used for tau)
     probe_model: dict = field(default_factory=dict)  # model overrides for the probes: "two small-scale runs"
     # (paper §7); t_mix transfers across model sizes (App. C.1), so a narrower target keeps the search cheap
@@ -45,7 +50,10 @@ class RaySection:
     cpus_per_worker: float = 1.0
     max_failures: int = 1
     num_to_keep: int = 2
-    prewarm: bool = True  # hold a pending phase-2 placement group during phase 1
+    prewarm: bool = True  # hold a pending phase-2 placement group during phase 1 (when standby is off)
+    # Start phase 2's workers during phase 1; they wait for its checkpoint, so the switch at tau skips the
+    # worker-group start. Holds workers_small + workers_large workers' resources at once during phase 1.
+    standby: bool = True
     worker_start_timeout_s: float = 120.0  # fail fast when workers cannot be placed
 
 
@@ -78,6 +86,11 @@ class PipelineConfig(RunConfig):
         require(0 < t.search_fraction <= 1, f"tune.search_fraction must be in (0, 1], got {t.search_fraction}")
         require(t.rel_tol >= 0 and 0 <= t.window_frac < 1 and 0 <= t.smoothing < 1,
                 "tune.rel_tol must be >= 0, tune.window_frac and tune.smoothing in [0, 1)")
+        require(t.min_depth_advantage >= 0, f"tune.min_depth_advantage must be >= 0, got {t.min_depth_advantage}")
+        require(t.on_no_saving in ("fixed", "expand"),
+                f"tune.on_no_saving must be 'fixed' or 'expand', got {t.on_no_saving!r}")
+        require(t.on_no_saving == "fixed" or self.tau_tokens,
+                "tune.on_no_saving=expand needs growth.tau_frac or growth.tau_tokens (where to expand anyway)")
         require(self.growth.enabled or not t.enabled, "tune.enabled needs growth.enabled (nothing to expand)")
         if self.growth.enabled:
             check_batch(self.phase2_batch_tokens, r.workers_large, self.train.micro_batch, self.data.seq_len,

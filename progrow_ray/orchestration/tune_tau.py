@@ -1,9 +1,10 @@
 """τ search with Ray Tune (the recipe's step 4, automatic).
 
 Concurrent trials with the main run's hyper-parameters and schedule: the fixed-size target model,
-and the progressive model from 0 layers (optionally also 1) expanded right after warmup. Each reports
-its loss by tokens; a ``Stopper`` on the driver computes the mixing time as results arrive and stops
-every trial once the curves have mixed (or at the token cap). Then τ = end of stable − t_mix.
+the progressive model from 0 layers (optionally also 1) expanded right after warmup, and the source
+model never expanded (so that mixing only counts once depth measurably helps). Each reports its loss
+by tokens; a ``Stopper`` on the driver computes the mixing time as results arrive and stops every
+trial once the curves have mixed (or at the token cap). Then τ = end of stable − t_mix.
 
 Optionally Optuna (``OptunaSearch``) first tunes the learning rate on the cheap source model; with
 Muon / muP the optimum transfers to the deep model (paper §3.2), so the main run uses it.
@@ -62,13 +63,20 @@ class MixSettings:
     rel_tol: float
     window_tokens: float
     smoothing: float
+    min_advantage: float = 0.0  # > 0: a "source" curve is probed and gates where mixing may start
 
     def mix(self, curves: Curves, role: str = "progressive") -> MixResult | None:
         ft, fl = curves.curve("fixed")
         pt, pl = curves.curve(role)
         if len(ft) < 2 or len(pt) < 2 or pt[-1] <= self.expand_at or ft[-1] <= self.expand_at:
             return None
-        return t_mix(ft, fl, pt, pl, self.expand_at, self.rel_tol, self.window_tokens, self.smoothing)
+        source = {}
+        if self.min_advantage > 0:
+            st, sl = curves.curve("source")
+            if len(st) < 2:
+                return None
+            source = dict(source_tokens=st, source_loss=sl, min_advantage_rel=self.min_advantage)
+        return t_mix(ft, fl, pt, pl, self.expand_at, self.rel_tol, self.window_tokens, self.smoothing, **source)
 
 
 def make_stopper(curves: Curves, settings: MixSettings):
@@ -114,7 +122,8 @@ def search_cap_tokens(cfg) -> int:
     main = small * tau + large * (total - tau)
     warmup = cfg.schedule_fn().warmup_tokens
     probe_small, probe_large = probe_flops_per_token(cfg)
-    probes = probe_large + probe_small * (2 if t.one_layer_probe else 1)  # per token, all probes together
+    n_small = 1 + int(t.one_layer_probe) + int(t.min_depth_advantage > 0)
+    probes = probe_large + probe_small * n_small  # per token, all probes together
     cap = t.max_search_tokens or int(t.search_fraction * main / probes)
     b = cfg.train.batch_tokens
     floor = int(math.ceil(warmup / b) + 4) * b
@@ -136,12 +145,15 @@ def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log
     if cfg.tune.one_layer_probe and cfg.growth.source_depth != 1:
         roles["progressive-1"] = {"growth": {"enabled": True, "source_depth": 1, "tau_tokens": expand_at,
                                              "method": "random", "batch_tokens_after": None}}
+    if cfg.tune.min_depth_advantage > 0:  # the source model, never expanded
+        roles["source"] = {"growth": {"enabled": False}, "model": source_depth_override(cfg.growth.source_depth)}
     # Probes log every step (the curves t_mix is read from) and evaluate only at the very end.
     probe = {"model": dict(cfg.tune.probe_model),
              "train": {"checkpoint_every_tokens": None, "log_every": 1, "eval_every_tokens": cfg.train.total_tokens}}
     trials = [{"role": role, "run": deep_merge(deep_merge(base, probe), over),
                "cap": cap, "threads": max(1, int(cfg.tune.cpus_per_trial))} for role, over in roles.items()]
-    settings = MixSettings(expand_at, cfg.tune.rel_tol, cfg.tune.window_frac * (cap - expand_at), cfg.tune.smoothing)
+    settings = MixSettings(expand_at, cfg.tune.rel_tol, cfg.tune.window_frac * (cap - expand_at), cfg.tune.smoothing,
+                           cfg.tune.min_depth_advantage)
     curves = Curves()
     trainable = tune.with_resources(probe_trainable, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
     tuner = tune.Tuner(
@@ -195,6 +207,11 @@ def align_tau(tau: int, batch1: int, batch2: int, total: int) -> int:
     return max(batch1, (tau // batch1) * batch1)
 
 
+def source_depth_override(source_depth) -> dict:
+    """Model overrides that make the target model the source model (GPT-like depth or ResNet blocks)."""
+    return {"blocks": list(source_depth)} if isinstance(source_depth, (list, tuple)) else {"n_layer": source_depth}
+
+
 def search_lr(cfg, *, storage_path: str, storage_filesystem, run_name: str, log=print) -> dict:
     """Optuna over the LR on the source model (fixed size, the cheap one); returns the best LR."""
     from ray import tune
@@ -203,8 +220,8 @@ def search_lr(cfg, *, storage_path: str, storage_filesystem, run_name: str, log=
     ls = cfg.tune.lr_search
     tokens = ls.tokens or search_cap_tokens(cfg)
     source_depth = cfg.growth.source_depth
-    depth_key = {"blocks": list(source_depth)} if isinstance(source_depth, (list, tuple)) else {"n_layer": source_depth}
-    base = run_config_dict(cfg, growth={"enabled": False}, model=depth_key, train={"checkpoint_every_tokens": None})
+    base = run_config_dict(cfg, growth={"enabled": False}, model=source_depth_override(source_depth),
+                           train={"checkpoint_every_tokens": None})
 
     def trainable(config: dict) -> None:
         import torch

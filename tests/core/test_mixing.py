@@ -112,3 +112,41 @@ def test_no_saving_cases_train_fixed_size():
     assert "saves 63.0% FLOPs" in pricey.verdict and "more than this run saves" in pricey.verdict
     same_cost = plan_tau(mixed(100_000), **{**PLAN, "small_flops_per_token": 10.0})
     assert not same_cost.expand
+
+
+def deep_advantage_curves(scale=15_000.0, end=80_000, n=800):
+    """Depth pays off slowly: source - fixed = A(t) grows from 0; the expanded model's excess over the
+    fixed one decays as A(t) e^{-(t - TAU)/scale}. Early on every curve agrees (trivial mixing)."""
+    t = np.linspace(0, end, n)
+    fixed = 3 + 4 * np.exp(-t / 8000)
+    advantage = 0.5 * np.minimum(1.0, (t / 30_000) ** 2)
+    source = fixed + advantage
+    prog = np.where(t >= TAU, fixed + advantage * np.exp(-(t - TAU) / scale), source)
+    return t, fixed, source, prog
+
+
+def test_source_curve_ignores_the_trivial_early_meeting():
+    t, fixed, source, prog = deep_advantage_curves()
+    naive = t_mix(t, fixed, t, prog, TAU, rel_tol=0.01, window_tokens=2_000)
+    aware = t_mix(t, fixed, t, prog, TAU, rel_tol=0.01, window_tokens=2_000, source_tokens=t, source_loss=source,
+                  min_advantage_rel=0.02)
+    assert naive.mixed and naive.t_mix_tokens < 3_000  # fooled: A(t) is still tiny there
+    assert aware.mixed
+    # from the first point where A/fixed >= 2% and the excess A e^{-x/scale} <= 1% of fixed: x >= scale ln 2
+    assert aware.t_mix_tokens >= 15_000 * math.log(2) - 200
+    assert aware.depth_advantage_rel >= 0.02 and aware.gap_after_mix_rel <= 0.01
+    # the exact first admissible start, on the curves' own grid
+    adv, gap = (source - fixed) / fixed, (prog - fixed) / fixed
+    ok = (t >= TAU) & (adv >= 0.02) & (gap <= 0.01)
+    assert aware.mixed_at_tokens == int(round(t[np.argmax(ok)]))
+
+
+def test_no_depth_advantage_means_no_tau():
+    t, fixed, _, prog = deep_advantage_curves()
+    flat_source = fixed * 1.005  # depth buys 0.5%: below the 2% needed to time anything
+    r = t_mix(t, fixed, t, prog, TAU, rel_tol=0.01, source_tokens=t, source_loss=flat_source, min_advantage_rel=0.02)
+    assert not r.mixed and "no measurable advantage" in r.note
+    assert abs(r.depth_advantage_rel - 0.005) < 1e-3
+    plan = plan_tau(r, total_tokens=100_000, warmup_tokens=2_000, stable_end_tokens=80_000,
+                    small_flops_per_token=1.0, large_flops_per_token=4.0)
+    assert not plan.expand and "no measurable advantage" in plan.verdict

@@ -79,3 +79,49 @@ def test_checkpoints_on_s3(s3_endpoint):
     assert uri == "s3://ckpt/run1/step_00000002" and loaded["state.json"]["step"] == 2
     fs.rm("ckpt/run1/step_00000002/manifest.json")  # a save cut off before its manifest
     assert m.load_latest() is None
+
+
+@pytest.mark.cluster
+def test_s3_outage_during_a_save_is_retried_and_nothing_is_lost(monkeypatch):
+    """The S3 endpoint goes away just before a save and comes back 25 s later on the same port — longer
+    than s3fs's and botocore's own retries ride out — so our backoff must carry the save; the
+    checkpoint is then complete and verifies."""
+    import threading
+    import time
+
+    from moto.server import ThreadedMotoServer
+
+    from progrow_ray.engine import checkpoint as ckpt_mod
+
+    from ..s3 import CREDENTIALS, make_bucket
+
+    import socket
+
+    with socket.socket() as sock:  # a fixed port: the server must come back where the client looks
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    host = "127.0.0.1"
+    for k, v in {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        make_bucket("outage")
+        server.stop()  # down
+        logs = []
+        monkeypatch.setattr(ckpt_mod, "RETRY_DELAYS_S", (1, 2, 4, 8, 16))
+
+        def come_back():
+            time.sleep(25)
+            server.start()
+
+        threading.Thread(target=come_back, daemon=True).start()
+        t0 = time.time()
+        orig = ckpt_mod.with_retries
+        monkeypatch.setattr(ckpt_mod, "with_retries", lambda op, what, **kw: orig(
+            op, what, delays=ckpt_mod.RETRY_DELAYS_S, log=logs.append))
+        ckpt_mod.write_checkpoint("s3://outage/run/step_00000001", files(1))
+        assert time.time() - t0 >= 25 and logs and all("retrying" in line for line in logs)
+        assert ckpt_mod.read_checkpoint("s3://outage/run/step_00000001")["state.json"]["step"] == 1
+    finally:
+        server.stop()

@@ -48,6 +48,35 @@ def test_progressive_run_expands_at_tau_and_changes_batch(prepared, tmp_path):
     assert state["progress"]["growth"][0]["target_depths"] == {"blocks": 2}
 
 
+def test_multi_stage_growth_expands_twice_and_resumes_between_stages(prepared, tmp_path):
+    """0 -> 1 -> 3 layers (paper §6): two expansions, FLOPs per stage, and a stop between the stages."""
+    stages = {"model": {"n_layer": 3}, "growth": {"tau_frac": 0.5, "stages": [{"depth": 1, "tau_frac": 0.25}]}}
+    cfg = make_cfg(prepared, str(tmp_path / "full"), **stages)
+    _, full, events = run(cfg)
+    expand = [e for e in events if e["event"] == "expand"]
+    assert [(e["tokens"], e["source_depth"], e["target_depth"]) for e in expand] == [
+        (2048, {"blocks": 0}, {"blocks": 1}), (4096, {"blocks": 1}, {"blocks": 3})]
+    assert [e["depth"] for e in events if e["event"] == "train"] == [0] * 4 + [1] * 4 + [3] * 8
+    from dataclasses import replace
+
+    from progrow_ray.core.flops import train_flops_per_unit, with_depth
+
+    target = cfg.target_model_config()
+    per = [train_flops_per_unit(with_depth(target, d), seq_len=32) for d in (0, 1, 3)]
+    assert full["flops"] == pytest.approx(per[0] * 2048 + per[1] * 2048 + per[2] * 4096)
+    split = replace(cfg, out=str(tmp_path / "split"))
+    _, first, first_events = run(split, until=3072)  # between the two expansions
+    _, files = default_manager(split).load_latest()
+    _, second, second_events = run(split, resume=files)
+    assert losses_of(first_events) + losses_of(second_events) == losses_of(events)
+    assert second["val_loss"] == full["val_loss"]
+    with pytest.raises(ConfigError, match="strictly increase"):
+        make_cfg(prepared, str(tmp_path), model={"n_layer": 3},
+                 growth={"tau_frac": 0.5, "stages": [{"depth": 1, "tau_frac": 0.6}]})
+    with pytest.raises(ConfigError, match="growth.stages\\[0\\]"):
+        make_cfg(prepared, str(tmp_path), growth={"stages": [{"layers": 1}]})
+
+
 def test_fixed_size_run(prepared, tmp_path):
     cfg = make_cfg(prepared, str(tmp_path), growth={"enabled": False})
     t, result, events = run(cfg)

@@ -34,6 +34,8 @@ def test_presets_load():
     ("tune.typo=1", "unknown config key"),
     ("growth.enabled=false", "tune.enabled needs growth.enabled"),
     ("ray.cpus_per_worker=-1", "cpus_per_worker"),
+    ("tune.on_no_saving=maybe", "on_no_saving must be 'fixed' or 'expand'"),
+    ("tune.min_depth_advantage=-0.1", "min_depth_advantage"),
 ])
 def test_bad_pipeline_settings(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -63,3 +65,57 @@ def test_missing_bucket_fails_before_training(s3_endpoint, tmp_path):  # noqa: F
     assert p.stderr.strip() == ("error: out s3://missing/x: S3 bucket 'missing' does not exist (or is not visible "
                                 "with these credentials); create it or point `out` elsewhere")
     assert "Ray" not in p.stdout
+
+
+def test_no_saving_policy_trains_fixed_size_unless_told_to_expand():
+    from progrow_ray.pipeline import Pipeline
+
+    fixed = {"expand": False, "tau_tokens": 0, "verdict": "no saving at this horizon: x; train fixed-size"}
+    for policy, expect in (("fixed", False), ("expand", True)):
+        pipe = object.__new__(Pipeline)
+        pipe.cfg, pipe.log = load(f"tune.on_no_saving={policy}"), (lambda _: None)
+        out = pipe.apply_no_saving_policy(dict(fixed))
+        assert out["expand"] is expect
+        if expect:  # at the configured tau (0.5 x 12288), aligned to both batches, and the verdict says so
+            assert out["tau_tokens"] == 6144 and out["verdict_expand"] is False
+            assert "tune.on_no_saving=expand" in out["verdict"] and out["verdict"].startswith(fixed["verdict"])
+        else:
+            assert out == fixed
+    mixed = {"expand": True, "tau_tokens": 4096, "verdict": "expand at tau = 4,096"}
+    pipe.cfg = load("tune.on_no_saving=expand")
+    assert pipe.apply_no_saving_policy(dict(mixed)) == mixed  # a real verdict is never overridden
+
+
+def test_standby_handoff_round_trip_and_abort(tmp_path):
+    import threading
+    import time
+
+    from progrow_ray.orchestration.phases import read_handoff, wait_for_handoff, write_handoff
+
+    path = str(tmp_path / "h" / "handoff.json")
+    assert read_handoff(path, None) is None
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("ckpt", wait_for_handoff({"path": path, "filesystem": None}, 0.01)))
+    t.start()
+    time.sleep(0.1)
+    assert t.is_alive()  # waiting: nothing handed over yet
+    write_handoff(path, None, {"checkpoint_path": str(tmp_path / "ckpt")})
+    t.join(timeout=10)
+    assert got["ckpt"].path == str(tmp_path / "ckpt")
+    write_handoff(path, None, {"abort": "phase 1 failed: RuntimeError"})
+    with pytest.raises(RuntimeError, match="phase 1 failed"):
+        wait_for_handoff({"path": path, "filesystem": None}, 0.01)
+
+
+def test_standby_needs_both_phases_workers_on_the_cluster():
+    from progrow_ray.pipeline import check_capacity
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        with pytest.raises(ConfigError, match="ray.standby"):
+            check_capacity(load("ray.local_cpus=2"), local=True)
+        check_capacity(load("ray.standby=false"), local=True)  # 2 workers fit without standby
+    finally:
+        ray.shutdown()

@@ -64,6 +64,8 @@ def check_report(report: dict, total: int = 12288) -> None:
         assert p2["workers"] > p1["workers"] and p2["global_batch_tokens"] > p1["global_batch_tokens"]
         assert p1["tokens"] + p2["tokens"] == total
         assert report["overheads"]["phase_switch_s"] > 0
+        assert set(report["overheads"]["phase_switch_breakdown"]) in (
+            {"handoff_s", "restore_and_expand_s"}, {"between_fits_s", "workers_start_s", "restore_and_expand_s"})
     else:
         assert names == ["fixed"]
     for p in report["phases"]:
@@ -97,7 +99,8 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(text_co
         env = {**ENV, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")},
                "PROGROW_FAULT": json.dumps(fault)}
         out = run(pipeline_cmd(text_corpus, prepared, "s3://runs/exp", "--mlflow-uri", mlflow_server,
-                               "--set", "tune.search_fraction=1.0", "--set", "tune.safety=2.0"), env=env)
+                               "--set", "tune.search_fraction=1.0", "--set", "tune.safety=2.0",
+                               "--set", "tune.on_no_saving=expand"), env=env)
         assert "MLflow runs: " + mlflow_server in out
         report = json.loads(fs.cat("runs/exp/tiny/report.json"))
         check_report(report)
@@ -121,7 +124,7 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(text_co
     parent = by_name["tiny"]
     assert parent.info.run_id == report["mlflow"]["parent_run_id"]
     children = {n for n, r in by_name.items() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"search-fixed", "search-progressive", "phase1", "phase2", "baseline"} <= children
+    assert {"search-fixed", "search-progressive", "search-source", "phase1", "phase2", "baseline"} <= children
     assert by_name["phase2"].data.tags["progrow.workers"] == "2"
     history = client.get_metric_history(by_name["phase2"].info.run_id, "val_loss")
     assert history and all(m.step > 0 for m in history)
@@ -174,14 +177,30 @@ def test_ray_job_submit_against_a_started_head(text_corpus, prepared, tmp_path):
         address = f"http://127.0.0.1:{dash}"
         wait_http(f"{address}/api/version", head, 120)
         out = tmp_path / "job"
+        # load: 4 concurrent Tune probes (fixed, 0-layer, 1-layer, source) on the 4-CPU head of a 2-core machine,
+        # then phase 1 beside phase 2's standby workers
         cmd = [ray_bin, "job", "submit", "--address", address, "--", *pipeline_cmd(
-            text_corpus, prepared, out, "--set", "tune.enabled=false", "--set", "baseline.enabled=false")]
+            text_corpus, prepared, out, "--set", "tune.one_layer_probe=true", "--set", "tune.on_no_saving=expand",
+            "--set", "tune.search_fraction=0.5", "--set", "baseline.enabled=false")]
         log = run(cmd, env=env, timeout=600)
         assert "succeeded" in log.lower()
         assert "connected to Ray at" in log
         check_report_path = out / "tiny" / "report.json"
         report = json.loads(check_report_path.read_text())
         assert [p["name"] for p in report["phases"]] == ["phase1", "phase2"]
+        assert sorted(t["role"] for t in report["tau_search"]["trials"]) == [
+            "fixed", "progressive", "progressive-1", "source"]
+        # nothing leaked on the long-lived cluster: every placement group the job made is gone
+        from ray.util.state import list_placement_groups
+
+        deadline = time.time() + 60
+        while True:
+            groups = list_placement_groups(address=address, limit=1000, raise_on_missing_output=False)
+            live = [g for g in groups if g.state in ("PENDING", "CREATED", "RESCHEDULING")]
+            if not live or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert groups and not live, live
     finally:  # stop exactly the processes this test started (never `ray stop`)
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)

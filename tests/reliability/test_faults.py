@@ -1,0 +1,106 @@
+"""Fault matrix on real components (local Ray, loopback): worker deaths at three points plus a torn
+checkpoint, with MLflow down, must end bit-exactly where an uninterrupted run ends; a driver killed in
+the tau search and in phase 1 resumes with the same command."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ..orchestration.test_pipeline import ENV, ROOT, free_port, pipeline_cmd, run
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+COMMON = ("--set", "tune.enabled=false", "--set", "baseline.enabled=false", "--set", "ray.max_failures=3")
+
+
+def train_losses(state: dict, phase: str) -> list:
+    return [(e["step"], e["train_loss"]) for e in state["phases"][phase]["history"] if e["event"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def clean(text_corpus, prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean")
+    run(pipeline_cmd(text_corpus, prepared, out, *COMMON))
+    return json.loads((out / "tiny" / "report.json").read_text()), json.loads((out / "tiny" / "pipeline_state.json").read_text())
+
+
+def test_worker_faults_and_a_torn_checkpoint_end_bit_exactly_like_a_clean_run(clean, text_corpus, prepared, tmp_path):
+    markers = {k: tmp_path / f"{k}.json" for k in ("phase1", "expansion", "torn")}
+    faults = [
+        {"phase": "phase1", "at_tokens": 3072, "rank": 0, "marker": str(markers["phase1"])},
+        # tau = 6144: the expand event fires right after the expansion, before phase 2's first step
+        {"phase": "phase2", "at_tokens": 6144, "rank": 1, "marker": str(markers["expansion"])},
+        # fires at the next logged step (10240): tear the newest registered checkpoint (9216), die; the
+        # restart must detect it and resume from the one before (8192)
+        {"phase": "phase2", "at_tokens": 9216, "rank": 0, "marker": str(markers["torn"]), "action": "corrupt_latest",
+         "delay_s": 3},
+    ]
+    dead_mlflow = f"http://127.0.0.1:{free_port()}"  # nothing listens there: MLflow is down
+    out = tmp_path / "out"
+    log = run(pipeline_cmd(text_corpus, prepared, out, *COMMON, "--mlflow-uri", dead_mlflow),
+              env={**ENV, "PROGROW_FAULT": json.dumps(faults)})
+    fired = {k: json.loads(m.read_text()) for k, m in markers.items()}  # every worker really died
+    assert fired["torn"]["damaged"] is not None and fired["expansion"]["tokens"] == 6144
+    assert "does not match its sha256" in log and "resumed from the older checkpoint" in log
+    assert log.count("MLflow at") == 1 and "training continues without tracking" in log
+    report = json.loads((out / "tiny" / "report.json").read_text())
+    state = json.loads((out / "tiny" / "pipeline_state.json").read_text())
+    clean_report, clean_state = clean
+    assert report["progressive"]["final_val_loss"] == clean_report["progressive"]["final_val_loss"]
+    for phase in ("phase1", "phase2"):
+        assert train_losses(state, phase) == train_losses(clean_state, phase)
+        assert state["phases"][phase]["flops"] == clean_state["phases"][phase]["flops"]
+    assert report["mlflow"]["parent_run_id"] is None  # nothing was tracked, nothing crashed
+
+
+def wait_for(predicate, proc, timeout=400):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.3)
+
+
+def test_driver_killed_in_the_search_and_in_phase1_resumes(clean, text_corpus, prepared, tmp_path):
+    out = tmp_path / "out"
+    cmd = pipeline_cmd(text_corpus, prepared, out, "--set", "baseline.enabled=false", "--set", "tune.search_fraction=0.5",
+                       "--set", "tune.on_no_saving=expand")
+    root = out / "tiny"
+
+    def start():
+        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    def kill(proc):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    # 1. during the tau search: once a probe has reported results
+    proc = start()
+    wait_for(lambda: any(p.stat().st_size > 0 for p in (root / "ray" / "tiny-tau-search").glob("*/progress.csv"))
+             if (root / "ray" / "tiny-tau-search").exists() else False, proc)
+    kill(proc)
+    state = json.loads((root / "pipeline_state.json").read_text())
+    assert "tau_search" not in state  # the search had not finished
+    # 2. during phase 1: once it has committed a checkpoint
+    proc = start()
+    wait_for(lambda: list((root / "ray" / "tiny-phase1").glob("checkpoint_*/manifest.json"))
+             if (root / "ray" / "tiny-phase1").exists() else False, proc)
+    kill(proc)
+    state = json.loads((root / "pipeline_state.json").read_text())
+    assert "tau_search" in state and "phases" not in state
+    # 3. the same command finishes: search skipped, phase 1 resumed from its checkpoint
+    log = run(cmd)
+    assert "tau search: 3 probes" not in log  # the finished search is not run again
+    report = json.loads((root / "report.json").read_text())
+    assert [p["name"] for p in report["phases"]] == ["phase1", "phase2"]
+    assert report["phases"][0]["tokens"] + report["phases"][1]["tokens"] == 12288
+    assert {"tau_search", "progressive", "overheads", "mlflow"} <= set(report)
+    state = json.loads((root / "pipeline_state.json").read_text())
+    resumed = [e for e in state["phases"]["phase1"]["history"] if e["event"] == "train"]
+    steps = [e["step"] for e in resumed]
+    assert steps == sorted(set(steps))  # no step logged twice: the resume continued, it did not restart
