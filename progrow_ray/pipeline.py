@@ -404,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     from .train import prepare_data
 
+    check_writable(cfg.out)  # cheap, so first: an unreachable store fails in seconds
     prepare_data(cfg)  # the data is checked (and prepared once) before anything of the run is written
-    check_writable(cfg.out)
     pipeline = Pipeline(cfg, args.mlflow_uri)
     pipeline.check_same_run()
     if pipeline.state.get("done"):

@@ -134,6 +134,8 @@ def test_bad_run_settings(prepared, tmp_path):
         make_cfg(prepared, str(tmp_path), train={"batch": 3})
     with pytest.raises(ConfigError, match="train.total_tokens must be an integer"):
         make_cfg(prepared, str(tmp_path), train={"total_tokens": "lots"})
-    cfg = make_cfg(prepared, str(tmp_path), model={"vocab_size": 1000})
-    with pytest.raises(ConfigError, match="vocab_size"):
-        Trainer(cfg, log=lambda _: None)
+    with pytest.raises(ConfigError, match="vocab_size"):  # at config load, before any worker starts
+        make_cfg(prepared, str(tmp_path), model={"vocab_size": 1000})
+    with pytest.raises(ConfigError, match="optimizer.name must be one of"):
+        make_cfg(prepared, str(tmp_path), optimizer={"name": "sgd"})
+    assert make_cfg(prepared, str(tmp_path), train={"total_tokens": "8.192e3"}).train.total_tokens == 8192
