@@ -2,6 +2,7 @@
 runs — then the MLflow UI served on loopback and rendered by headless Chromium, which must list them."""
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -44,8 +45,9 @@ def test_experiment_writes_table_plot_and_verdict_from_its_numbers(finished):
     assert set(trials) == {"fixed", "batch-1x", "batch-4x"}
     one, four = trials["batch-1x"], trials["batch-4x"]
     assert one["expansions"] == [2048] and four["expansions"] == [2048]
-    # same tokens, a quarter of the steps after tau with the 4x batch
-    assert one["tokens"] == four["tokens"] == 4096 and len(one["curve"]) == 8 and len(four["curve"]) == 5
+    # same tokens; after tau the 4x batch takes one step where 1x takes four (logged every 2 steps and at the end)
+    assert one["tokens"] == four["tokens"] == 4096
+    assert [c[0] for c in one["curve"]] == [1024, 2048, 3072, 4096] and [c[0] for c in four["curve"]] == [1024, 2048, 4096]
     diff = (four["val_loss"] - one["val_loss"]) / one["val_loss"]
     assert res["holds"] == (abs(diff) <= 0.01)
     assert f"{diff:+.2%}" in res["verdict"]
@@ -90,9 +92,14 @@ def test_mlflow_ui_lists_the_experiment_runs(finished, tmp_path):
                  "--window-size=1400,900", "--virtual-time-budget=20000"]
         shot = tmp_path / "runs.png"
         subprocess.run(flags + [f"--screenshot={shot}", page], capture_output=True, timeout=120, check=True)
-        dom = subprocess.run(flags + ["--dump-dom", page], capture_output=True, text=True, timeout=120, check=True).stdout
+        for budget in (20_000, 40_000, 80_000):  # a loaded machine may need more virtual time to render
+            dom = subprocess.run([*flags[:-1], f"--virtual-time-budget={budget}", "--dump-dom", page],
+                                 capture_output=True, text=True, timeout=180, check=True).stdout
+            if "batch-after-expansion [cpu-tiny]" in dom and "matching runs" in dom:
+                break
         assert "batch-after-expansion [cpu-tiny]" in dom  # the parent run, rendered by the UI's own JavaScript
-        assert "4 matching runs" in dom
+        text = re.sub(r"<[^>]+>", "", dom)  # the count is "<strong>4</strong> matching runs"
+        assert "4 matching runs" in text
         png = shot.read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 30_000  # a rendered page, not a blank one
     finally:
