@@ -13,6 +13,12 @@ GCS_PORT=${GCS_PORT:-6390}
 DASH_PORT=${DASH_PORT:-8265}
 CPUS=${CPUS:-4}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled} RAY_USAGE_STATS_ENABLED=0
+# Every Ray process of this cluster inherits it: Ray Train's placement-group cleaner (and any state-API
+# client) then asks this cluster's dashboard instead of guessing from /tmp/ray/ray_current_cluster, which a
+# run with --temp-dir never writes and another cluster may have left stale ("Timed out while waiting for
+# GCS to become available", and the run's placement groups are never removed).
+export RAY_API_SERVER_ADDRESS="http://127.0.0.1:$DASH_PORT"
+AGENT_PORT=${AGENT_PORT:-$((DASH_PORT + 1))}  # not the default 52365, which another cluster may hold
 
 start_node() {  # name, args...
   local name=$1; shift
@@ -29,14 +35,16 @@ case "${1:-}" in
     tmp=$(mktemp -d /tmp/prl.XXXX)  # short: Ray's socket paths must fit in 107 bytes
     echo "$tmp" >"$STATE/tmpdir"
     start_node head --head --port="$GCS_PORT" --num-cpus="$CPUS" --include-dashboard=true \
-      --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --node-ip-address=127.0.0.1 --temp-dir="$tmp"
+      --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --dashboard-agent-listen-port="$AGENT_PORT" \
+      --node-ip-address=127.0.0.1 --temp-dir="$tmp"
     for _ in $(seq 1 60); do
       curl -sf "http://127.0.0.1:$DASH_PORT/api/version" >/dev/null && break
       sleep 1
     done
     curl -sf "http://127.0.0.1:$DASH_PORT/api/version" >/dev/null || { echo "head did not start: see $STATE/head.log"; exit 1; }
     for i in $(seq 1 "${2:-0}"); do
-      start_node "worker$i" --address="127.0.0.1:$GCS_PORT" --num-cpus="$CPUS" --node-ip-address=127.0.0.1
+      start_node "worker$i" --address="127.0.0.1:$GCS_PORT" --num-cpus="$CPUS" --node-ip-address=127.0.0.1 \
+        --dashboard-agent-listen-port="$((AGENT_PORT + i))"
     done
     echo "Ray head at http://127.0.0.1:$DASH_PORT (gcs 127.0.0.1:$GCS_PORT), ${2:-0} extra worker node(s)"
     ;;

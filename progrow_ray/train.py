@@ -15,6 +15,7 @@ import fsspec
 from .cli import run_cli
 from .data.prepare import PrepareSettings, prepare
 from .engine.config import PIPELINE_SECTIONS, RunConfig, load_run_config
+from .engine.faults import faults_from_env, maybe_inject_fault
 from .engine.trainer import NonFiniteLossError, Trainer, default_manager, run_dir
 
 
@@ -71,8 +72,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"resuming from {found[0]}")
             resume = found[1]
     write, fh = metrics_writer(cfg)
+    faults = faults_from_env()  # tests only (engine/faults.py)
+
+    def on_metrics(event: dict) -> None:
+        write(event)
+        maybe_inject_fault(faults, "train", 0, event["tokens"])
+
     try:
-        trainer = Trainer(cfg, resume=resume, on_metrics=write)
+        trainer = Trainer(cfg, resume=resume, on_metrics=on_metrics)
         result = trainer.run(progress_bar=not args.no_progress)
     except NonFiniteLossError as e:  # a setting to fix (lr, data), like any other bad input: exit 2
         print(f"error: {e}", file=sys.stderr)

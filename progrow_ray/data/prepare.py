@@ -131,7 +131,8 @@ def prepare(source: str, dst: str, settings: PrepareSettings = PrepareSettings()
     total = sum(f.size for f in files)
     budget = settings.max_source_bytes if settings.max_source_bytes is not None else total
     threads = os.cpu_count() or 1
-    bar = tqdm(total=min(total, budget), unit="B", unit_scale=True, desc="tokenising", disable=not progress)
+    # disable=None: a bar on a terminal only, never a wall of carriage returns in a log
+    bar = tqdm(total=min(total, budget), unit="B", unit_scale=True, desc="tokenising", disable=None if progress else True)
     read = 0
     for f in files:
         if read >= budget:

@@ -13,8 +13,16 @@ import time
 from typing import Any, Callable, Iterable
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-METRIC_KEYS = ("train_loss", "val_loss", "lr", "tokens", "flops", "tokens_per_s", "batch_tokens",
-               "moe_aux_loss", "moe_z_loss", "moe_max_expert_fraction")
+# What each engine event logs. MLflow 3.17's charts pair a metric x-axis with a loss by *index* in the
+# metric history, not by step, so every x metric is logged exactly where its loss is: ``flops`` and
+# ``tokens`` with each evaluation (the x of ``val_loss``), ``train_flops`` and ``train_tokens`` with
+# each training interval (the x of ``train_loss``).
+EVENT_METRICS = {
+    "train": {"train_loss": "train_loss", "lr": "lr", "tokens_per_s": "tokens_per_s", "batch_tokens": "batch_tokens",
+              "train_tokens": "tokens", "train_flops": "flops", "moe_aux_loss": "moe_aux_loss",
+              "moe_z_loss": "moe_z_loss", "moe_max_expert_fraction": "moe_max_expert_fraction"},
+    "eval": {"val_loss": "val_loss", "tokens": "tokens", "flops": "flops"},
+}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -38,6 +46,34 @@ def scrub(params: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+ARM_TAG = "progrow.arm"  # progressive | baseline | fixed-size | search-<role>: what the saved views group by
+# (one run per arm: a group of several runs would be averaged step by step)
+PIPELINE_TAG = "progrow.pipeline"  # the pipeline's name: arms of different pipelines are not averaged
+# Saved views of the experiment's runs page (MLflow 3.17 keeps them as experiment tags): runs grouped by
+# arm, loss charts against a metric as x-axis. The UI opens one with ``viewStateShareKey=<key>``.
+VIEWS = {  # key: (name, x metric, the charts shown)
+    "loss-vs-flops": ("progressive vs baseline: val loss vs FLOPs", "flops", "^val_loss$"),
+    "loss-vs-tokens": ("progressive vs baseline: val loss vs tokens", "tokens", "^val_loss$"),
+    "train-loss-vs-flops": ("progressive vs baseline: train loss vs FLOPs", "train_flops", "^train_loss$"),
+}
+
+
+def view_tag(name: str, x_metric: str, charts: str, now_ms: int) -> str:
+    import json
+
+    keys = [{"mode": "tag", "groupByData": k} for k in (PIPELINE_TAG, ARM_TAG)]
+    state = {"groupBy": {"aggregateFunction": "average", "groupByKeys": keys},
+             "globalLineChartConfig": {"xAxisKey": "metric", "selectedXAxisMetricKey": x_metric, "lineSmoothness": 0},
+             "chartsSearchFilter": charts, "runsHiddenMode": "SHOW_ALL"}
+    return json.dumps({"name": name, "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)})
+
+
+def comparison_url(ui_base: str, experiment_id: str, view: str = "loss-vs-flops") -> str:
+    """The experiment's runs page in chart mode, with the model-training sidebar and a saved view."""
+    return (f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&compareRunsMode=CHART&viewStateShareKey={view}")
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, log: Callable[[str], None] = print):
         self.tracking_uri, self.log, self.enabled = tracking_uri, log, True
@@ -49,8 +85,24 @@ class Tracker:
             self.client = MlflowClient(tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            if exp is None or not any(k.startswith("mlflow.sharedViewState.") for k in exp.tags):
+                self._add_views()
         except Exception as e:  # noqa: BLE001
             self._fail(e)
+
+    def _add_views(self) -> None:
+        """Mark the experiment as model training (not GenAI) and add the comparison views."""
+        now = int(time.time() * 1000)
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        for i, (key, (name, x, charts)) in enumerate(VIEWS.items()):
+            self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{key}",
+                                           view_tag(name, x, charts, now + i))
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", (
+            "Progressive depth training runs (progrow_ray). Each pipeline is a parent run; the children that carry "
+            f"a whole curve are tagged `{ARM_TAG}` (progressive, baseline, fixed-size, search-<probe>). Open the saved view "
+            f"'{VIEWS['loss-vs-flops'][0]}' (Views menu, chart mode) to compare the arms on compute."))
+
+
 
     @staticmethod
     def _probe(uri: str, timeout_s: float = 5.0) -> None:
@@ -106,8 +158,8 @@ class Tracker:
             self._call("log_batch", run_id, params=items[i:i + 100])
 
     def log_history(self, run_id: str | None, history: Iterable[dict], step_offset: int = 0) -> None:
-        """Metric events (engine format) against the global step; ``tokens`` and ``flops`` are metrics
-        too, so the UI can chart loss against compute."""
+        """Metric events (engine format) against the global step, with their x metrics (EVENT_METRICS),
+        so the UI can chart loss against compute."""
         if not run_id:
             return
         from mlflow.entities import Metric
@@ -117,10 +169,10 @@ class Tracker:
         for e in history:
             step = int(e.get("step", 0)) + step_offset
             ts = int(e.get("time", now / 1000) * 1000)
-            for k in METRIC_KEYS:
+            for name, k in EVENT_METRICS.get(e.get("event"), {}).items():
                 v = e.get(k)
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    metrics.append(Metric(k, float(v), ts, step))
+                    metrics.append(Metric(name, float(v), ts, step))
         for i in range(0, len(metrics), 900):
             self._call("log_batch", run_id, metrics=metrics[i:i + 900])
 
@@ -139,6 +191,17 @@ class Tracker:
     def log_artifact(self, run_id: str | None, path: str) -> None:
         if run_id:
             self._call("log_artifact", run_id, path)
+
+    def log_image(self, run_id: str | None, png: bytes, key: str) -> None:
+        """A figure the run page shows under "Model metrics" (log_artifact only lists the file)."""
+        if not run_id:
+            return
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(png)) as img:
+            self._call("log_image", run_id, img.convert("RGB"), key=key, step=0)
 
     def end(self, run_id: str | None, status: str = "FINISHED") -> None:
         if run_id:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine.config import RunConfig, deep_merge, from_dict, to_dict
+from ..engine.faults import faults_from_env, maybe_inject_fault
 
-FAULT_ENV = "PROGROW_FAULT"  # JSON {"phase": ..., "at_tokens": N, "rank": r, "marker": path}: tests kill a worker
 
 
 def run_config_dict(cfg, **overrides) -> dict:
@@ -72,28 +72,14 @@ def wait_for_handoff(handoff: dict, poll_s: float = 0.1):
         time.sleep(poll_s)
 
 
-def _maybe_inject_fault(faults, phase: str, rank: int, tokens: int, fit_dir: dict) -> None:
-    """Tests' fault injection (``PROGROW_FAULT``: one JSON object or a list). Each fault fires once
-    (its ``marker`` file records it): at the first metrics event of ``phase`` on ``rank`` with at least
-    ``at_tokens`` tokens. ``"action": "corrupt_latest"`` first damages the newest committed checkpoint
-    of this fit (so the restart must fall back to the previous one); then the worker dies abruptly.
-    ``delay_s`` waits first, so that Ray has registered the last reported checkpoint."""
-    for fault in ([faults] if isinstance(faults, dict) else faults or []):
-        if fault.get("phase") != phase or fault.get("rank", 0) != rank or tokens < fault["at_tokens"]:
-            continue
-        marker = fault["marker"]
-        if os.path.exists(marker):
-            continue
-        damaged = None
-        time.sleep(fault.get("delay_s", 0))  # let the controller register the last reported checkpoint
-        if fault.get("action") == "corrupt_latest":
-            ckpts = checkpoint_dirs(fit_dir["path"], fit_dir["filesystem"])
-            if ckpts:
-                damaged = ckpts[0]
-                _overwrite(f"{damaged}/model.pt", fit_dir["filesystem"], b"torn write")
-        with open(marker, "w") as fh:
-            fh.write(json.dumps({"phase": phase, "rank": rank, "tokens": tokens, "pid": os.getpid(), "damaged": damaged}))
-        os._exit(1)  # an abrupt worker death, as a preempted or OOM-killed process
+def corrupt_latest(fit_dir: dict | None) -> str | None:
+    """A ``corrupt_latest`` fault: tear the newest committed checkpoint of this fit (the restart must
+    fall back to the previous one). Returns the damaged directory."""
+    ckpts = checkpoint_dirs(fit_dir["path"], fit_dir["filesystem"]) if fit_dir else []
+    if not ckpts:
+        return None
+    _overwrite(f"{ckpts[0]}/model.pt", fit_dir["filesystem"], b"torn write")
+    return ckpts[0]
 
 
 def checkpoint_dirs(fit_path: str, filesystem) -> list[str]:
@@ -160,6 +146,7 @@ def train_loop(config: dict) -> dict | None:
 
     from ..engine.checkpoint import write_checkpoint
     from ..engine.trainer import Trainer
+    from .progress import post
 
     cfg = from_dict(RunConfig, config["run"])
     rank = ray.train.get_context().get_world_rank()
@@ -191,8 +178,12 @@ def train_loop(config: dict) -> dict | None:
     fault = config.get("fault")
     phase = config["phase"]
 
+    world = ray.train.get_context().get_world_size()
+
     def on_metrics(event: dict) -> None:
-        _maybe_inject_fault(fault, phase, rank, event["tokens"], config.get("fit_dir"))
+        if rank == 0:
+            post(config.get("board"), phase, event, world)
+        maybe_inject_fault(fault, phase, rank, event["tokens"], corrupt=lambda: corrupt_latest(config.get("fit_dir")))
 
     trainer = Trainer(cfg, device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model,
                       save_checkpoint=save, resume=files, on_metrics=on_metrics,
@@ -222,13 +213,13 @@ class PhaseOutcome:
 
 def run_phase(name: str, run: dict, *, workers: int, storage_path: str, storage_filesystem, ray_cfg,
               until_tokens: int | None = None, start_from: Any = None, handoff: dict | None = None,
-              run_name: str) -> PhaseOutcome:
+              run_name: str, board=None) -> PhaseOutcome:
     """One Ray Train fit of the engine. Re-running with the same ``run_name`` and storage resumes
     from that fit's last committed checkpoint (Ray restores it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    fault = json.loads(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
+    fault = faults_from_env()
     resources = {"CPU": ray_cfg.cpus_per_worker}
     if ray_cfg.use_gpu:
         resources["GPU"] = 1
@@ -237,7 +228,7 @@ def run_phase(name: str, run: dict, *, workers: int, storage_path: str, storage_
         train_loop_config={"run": run, "phase": name, "until_tokens": until_tokens, "start_from": start_from,
                            "handoff": handoff, "fit_dir": {"path": f"{storage_path}/{run_name}",
                                                            "filesystem": storage_filesystem},
-                           "threads": max(1, int(ray_cfg.cpus_per_worker)), "fault": fault},
+                           "threads": max(1, int(ray_cfg.cpus_per_worker)), "fault": fault, "board": board},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,

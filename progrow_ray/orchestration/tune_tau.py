@@ -20,6 +20,7 @@ import numpy as np
 from ..core.flops import train_flops_per_unit
 from ..core.mixing import MixResult, TauPlan, plan_tau, t_mix
 from ..engine.config import RunConfig, deep_merge, from_dict
+from ..engine.faults import faults_from_env, maybe_inject_fault
 from .phases import run_config_dict
 
 
@@ -35,6 +36,7 @@ def probe_trainable(config: dict) -> None:
     cfg = from_dict(RunConfig, config["run"])
 
     def report(event: dict) -> None:
+        maybe_inject_fault(config.get("fault"), "tau-search", 0, event["tokens"], role=config["role"])
         if event["event"] in ("train", "eval"):
             tune.report({k: event.get(k) for k in ("tokens", "step", "flops", "train_loss", "val_loss")
                          if event.get(k) is not None} | {"kind": event["event"]})
@@ -79,25 +81,33 @@ class MixSettings:
         return t_mix(ft, fl, pt, pl, self.expand_at, self.rel_tol, self.window_tokens, self.smoothing, **source)
 
 
-def make_stopper(curves: Curves, settings: MixSettings):
+def make_stopper(curves: Curves, settings: MixSettings, on_result=None):
     from ray.tune import Stopper
 
     class MixingStopper(Stopper):
-        """Stops all trials as soon as the progressive curve has mixed with the fixed one."""
+        """Stops all trials as soon as the progressive curve has mixed with the fixed one. Also the
+        driver's live view of the probes (``on_result(role, result)``). Tune pickles it with its
+        experiment state, so the class closes over nothing and the callback is not pickled."""
 
-        def __init__(self):
-            self.mixed = False
+        def __init__(self, curves: Curves, settings: MixSettings, on_result):
+            self.curves, self.settings, self.on_result, self.mixed = curves, settings, on_result, False
+
+        def __getstate__(self):
+            return {**self.__dict__, "on_result": None}
 
         def __call__(self, trial_id, result):
-            curves.add(result["config"]["trial"]["role"], result)
-            r = settings.mix(curves)
+            role = result["config"]["trial"]["role"]
+            self.curves.add(role, result)
+            if self.on_result is not None:
+                self.on_result(role, result)
+            r = self.settings.mix(self.curves)
             self.mixed = self.mixed or bool(r and r.mixed)
             return False
 
         def stop_all(self):
             return self.mixed
 
-    return MixingStopper()
+    return MixingStopper(curves, settings, on_result)
 
 
 def probe_flops_per_token(cfg) -> tuple[float, float]:
@@ -130,8 +140,10 @@ def search_cap_tokens(cfg) -> int:
     return max(floor, (cap // b) * b)
 
 
-def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log=print) -> dict:
-    """Run the probes, return mixing, τ plan, FLOPs and per-trial curves."""
+def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log=print, on_start=None,
+               on_result=None) -> dict:
+    """Run the probes, return mixing, τ plan, FLOPs and per-trial curves. ``on_start(roles, cap)`` and
+    ``on_result(role, result)`` let the driver show live progress."""
     from ray import tune
 
     cap = search_cap_tokens(cfg)
@@ -151,7 +163,8 @@ def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log
     probe = {"model": dict(cfg.tune.probe_model),
              "train": {"checkpoint_every_tokens": None, "log_every": 1, "eval_every_tokens": cfg.train.total_tokens}}
     trials = [{"role": role, "run": deep_merge(deep_merge(base, probe), over),
-               "cap": cap, "threads": max(1, int(cfg.tune.cpus_per_trial))} for role, over in roles.items()]
+               "cap": cap, "threads": max(1, int(cfg.tune.cpus_per_trial)), "fault": faults_from_env()}
+              for role, over in roles.items()]
     settings = MixSettings(expand_at, cfg.tune.rel_tol, cfg.tune.window_frac * (cap - expand_at), cfg.tune.smoothing,
                            cfg.tune.min_depth_advantage)
     curves = Curves()
@@ -161,11 +174,13 @@ def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(max_concurrent_trials=len(trials)),
         run_config=tune.RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                                  stop=make_stopper(curves, settings), verbose=0),
+                                  stop=make_stopper(curves, settings, on_result), verbose=0),
     )
-    log(f"tau search: {len(trials)} probes x <= {cap:,} tokens, expansion at {expand_at:,} tokens")
+    log(f"{len(trials)} probes ({', '.join(roles)}) x <= {cap:,} tokens, expansion at {expand_at:,} tokens")
     if cap == int(math.ceil(warmup / b) + 4) * b and not cfg.tune.max_search_tokens:
         log("warning: tune.search_fraction leaves less than warmup + 4 steps per probe; using that minimum")
+    if on_start is not None:
+        on_start(list(roles), cap)
     grid = tuner.fit()
     summaries, search_flops = [], 0.0
     for res in grid:

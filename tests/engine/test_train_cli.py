@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,16 +46,17 @@ def test_killed_run_resumes_to_identical_losses(text_corpus, prepared, tmp_path)
     assert "summary:" in out and "final val loss" in out
 
     cfg = write_config(tmp_path / "kill.yaml", text_corpus, prepared, tmp_path / "kill")
-    p = train(cfg)
-    ckpts = tmp_path / "kill" / "t" / "checkpoints"
+    held = tmp_path / "held.json"  # the run blocks at 10240 tokens (after 4 checkpoints) until it is killed
+    hold = {"phase": "train", "at_tokens": 10240, "action": "hold", "marker": str(held)}
+    p = train(cfg, env={**os.environ, "PROGROW_FAULT": json.dumps(hold)})
     deadline = time.time() + 240
-    while time.time() < deadline and not list(ckpts.glob("step_*/manifest.json")):
+    while not held.exists():
+        assert p.poll() is None and time.time() < deadline, p.stdout.read()[-2000:] if p.poll() is not None else ""
         time.sleep(0.2)
-    time.sleep(1.0)
     p.send_signal(signal.SIGKILL)  # no clean-up, no final checkpoint
     p.wait()
     first = per_step_losses(tmp_path / "kill" / "t")
-    assert 0 < max(first) < 32, "killed before the end"
+    assert max(first) == 20, "held at 10240 tokens = step 20 of 32"
     p = train(cfg)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out

@@ -112,10 +112,26 @@ def test_standby_needs_both_phases_workers_on_the_cluster():
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own cluster, never a running one
     try:
         with pytest.raises(ConfigError, match="ray.standby"):
             check_capacity(load("ray.local_cpus=2"), local=True)
         check_capacity(load("ray.standby=false"), local=True)  # 2 workers fit without standby
     finally:
         ray.shutdown()
+
+
+def test_no_saving_reason_is_one_line_with_the_numbers():
+    from progrow_ray.core.flops import train_flops_per_unit
+    from progrow_ray.pipeline import no_saving_reason
+
+    cfg = load()
+    searched = {"expand": True, "verdict_expand": False, "trials": [{}], "cap_tokens": 3072,
+                "mix": {"depth_advantage_rel": 0.0146}}
+    why = no_saving_reason(cfg, searched)
+    small = train_flops_per_unit(cfg.source_model_config(), seq_len=32)
+    large = train_flops_per_unit(cfg.target_model_config(), seq_len=32)
+    assert f"the layers are {1 - small / large:.0%} of this model's training FLOPs" in why
+    assert "50,304-token head" in why and "by only 1.5%" in why and "not 12,288 tokens" in why and "\n" not in why
+    assert no_saving_reason(cfg, {"expand": True, "trials": [{}], "tau_tokens": 6144}) is None  # a real τ
+    assert no_saving_reason(cfg, {"expand": True, "trials": [], "tau_tokens": 6144}) is None  # no search ran

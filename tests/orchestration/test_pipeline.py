@@ -53,6 +53,11 @@ def run(cmd, env=None, timeout=600):
     return p.stdout + p.stderr
 
 
+def run_logs(run_dir: Path) -> str:
+    """The run's log files (Ray's, Tune's and the workers' output), oldest first."""
+    return "".join(p.read_text() for p in sorted((run_dir / "logs").glob("pipeline-*.log")))
+
+
 def check_report(report: dict, total: int = 12288) -> None:
     keys = {"config", "tau_search", "phases", "progressive", "baseline", "savings", "overheads", "mlflow"}
     assert keys <= set(report)
@@ -124,7 +129,7 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(text_co
     parent = by_name["tiny"]
     assert parent.info.run_id == report["mlflow"]["parent_run_id"]
     children = {n for n, r in by_name.items() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"search-fixed", "search-progressive", "search-source", "phase1", "phase2", "baseline"} <= children
+    assert {"search-fixed", "search-progressive", "search-source", "phase1", "phase2", "baseline", "progressive"} <= children
     assert by_name["phase2"].data.tags["progrow.workers"] == "2"
     history = client.get_metric_history(by_name["phase2"].info.run_id, "val_loss")
     assert history and all(m.step > 0 for m in history)
@@ -133,23 +138,76 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(text_co
     assert {"report.json", "report.md", "config.yaml", "loss_vs_tokens.png", "loss_vs_flops.png"} <= artifacts
     params = parent.data.params
     assert params["train.total_tokens"] == "12288" and secret not in json.dumps(params)
+    # the comparison is one click: a model-training experiment with saved views grouping the arms
+    arms = {r.data.tags["progrow.arm"]: r for r in runs if "progrow.arm" in r.data.tags}
+    assert {"progressive", "baseline", "search-fixed"} <= set(arms) and "progrow.arm" not in by_name["phase1"].data.tags
+    val = client.get_metric_history(arms["progressive"].info.run_id, "val_loss")  # both phases' curve in one run
+    flops = client.get_metric_history(arms["progressive"].info.run_id, "flops")
+    # the UI pairs x and y by index: the x metric of val_loss is logged exactly at its points
+    assert [m.step for m in val] == [m.step for m in flops] and len(val) >= 3
+    assert [m.value for m in flops] == sorted(m.value for m in flops)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(json.loads(exp.tags["mlflow.sharedViewState.loss-vs-flops"])["state"])
+    assert view["globalLineChartConfig"]["selectedXAxisMetricKey"] == "flops"
+    url = f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" \
+          "&compareRunsMode=CHART&viewStateShareKey=loss-vs-flops"
+    assert f"compare progressive vs baseline on FLOPs: {url}" in out
+    images = [a.path.split("/")[1] for a in client.list_artifacts(parent.info.run_id, "images")]
+    for key in ("loss_vs_flops", "loss_vs_tokens"):  # log_image: shown under the parent's "Model metrics"
+        assert any(name.startswith(key) for name in images), images
+    text = render_page(url, ("progressive vs baseline: val loss vs FLOPs", "val_loss", "baseline"), tmp_path / "compare.png")
+    assert "Group:" in text and "progressive" in text and "train_loss" not in text
+    # the report's plots: every line runs forward in x, τ marked on both (the data behind loss_vs_*.png)
+    from progrow_ray.pipeline import plot_runs
+    from progrow_ray.report import plot_lines
+
+    phases = [state["phases"]["phase1"], state["phases"]["phase2"]]
+    for x in ("tokens", "flops"):
+        data = plot_lines(plot_runs(phases, None), x)
+        assert all(all(b >= a for a, b in zip(l.x, l.x[1:])) for l in data.lines)
+        assert len(data.markers) == 1 and sum(len(l.x) for l in data.lines) >= 8
+
+
+def render_page(url: str, wait_for: tuple[str, ...], shot: Path) -> str:
+    """The page as headless Chromium renders it (text of the DOM); a screenshot beside it."""
+    import re
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs Debian's chromium for the MLflow UI checks (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}", "--window-size=1600,1000"]
+    text = ""
+    for budget in (20_000, 40_000, 80_000):  # a loaded machine may need more virtual time to render
+        dom = subprocess.run([*flags, f"--virtual-time-budget={budget}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=180, check=True).stdout
+        text = re.sub(r"<[^>]+>", " ", dom)
+        if all(w in text for w in wait_for):
+            break
+    subprocess.run([*flags, "--virtual-time-budget=20000", f"--screenshot={shot}", url], capture_output=True,
+                   timeout=180, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return re.sub(r"\s+", " ", text)
 
 
 def test_rerun_resumes_a_killed_driver_and_skips_a_finished_run(text_corpus, prepared, tmp_path):
     out = tmp_path / "out"
     cmd = pipeline_cmd(text_corpus, prepared, out, "--set", "tune.enabled=false", "--set", "baseline.enabled=false",
                        "--set", "train.total_tokens=16384")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    held = tmp_path / "held.json"  # phase 2's rank 0 blocks there until the driver is killed: no race
+    hold = {"phase": "phase2", "at_tokens": 12288, "rank": 0, "action": "hold", "marker": str(held)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "PROGROW_FAULT": json.dumps(hold)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     state_path = out / "tiny" / "pipeline_state.json"
     deadline = time.time() + 400
-    # kill the driver once phase 2 has committed a checkpoint
-    while time.time() < deadline:
-        ckpts = list((out / "tiny" / "ray" / "tiny-phase2").glob("checkpoint_*/manifest.json")) \
-            if (out / "tiny" / "ray" / "tiny-phase2").exists() else []
-        if ckpts:
-            break
+    # kill the driver once phase 2 holds and has committed a checkpoint
+    while not (held.exists() and list((out / "tiny" / "ray" / "tiny-phase2").glob("checkpoint_*/manifest.json"))):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "timed out"
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

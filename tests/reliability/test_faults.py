@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ..orchestration.test_pipeline import ENV, ROOT, free_port, pipeline_cmd, run
+from ..orchestration.test_pipeline import ENV, ROOT, free_port, pipeline_cmd, run, run_logs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 COMMON = ("--set", "tune.enabled=false", "--set", "baseline.enabled=false", "--set", "ray.max_failures=3")
@@ -44,7 +44,9 @@ def test_worker_faults_and_a_torn_checkpoint_end_bit_exactly_like_a_clean_run(cl
               env={**ENV, "PROGROW_FAULT": json.dumps(faults)})
     fired = {k: json.loads(m.read_text()) for k, m in markers.items()}  # every worker really died
     assert fired["torn"]["damaged"] is not None and fired["expansion"]["tokens"] == 6144
-    assert "does not match its sha256" in log and "resumed from the older checkpoint" in log
+    workers = run_logs(out / "tiny")  # what the workers printed is in the run's log file, not on the console
+    assert "does not match its sha256" in workers and "resumed from the older checkpoint" in workers
+    assert "does not match its sha256" not in log
     assert log.count("MLflow at") == 1 and "training continues without tracking" in log
     report = json.loads((out / "tiny" / "report.json").read_text())
     state = json.loads((out / "tiny" / "pipeline_state.json").read_text())
@@ -57,6 +59,7 @@ def test_worker_faults_and_a_torn_checkpoint_end_bit_exactly_like_a_clean_run(cl
 
 
 def wait_for(predicate, proc, timeout=400):
+    """Polls a condition that cannot pass by (the run is held at a fault point), bounded in time."""
     deadline = time.time() + timeout
     while not predicate():
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -70,31 +73,35 @@ def test_driver_killed_in_the_search_and_in_phase1_resumes(clean, text_corpus, p
                        "--set", "tune.on_no_saving=expand")
     root = out / "tiny"
 
-    def start():
-        return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    def start(hold: dict):
+        # the run blocks at the hold point (a fault of the action "hold"): the kill cannot come too late
+        env = {**ENV, "PROGROW_FAULT": json.dumps({**hold, "action": "hold"})}
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
 
     def kill(proc):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
-    # 1. during the tau search: once a probe has reported results
-    proc = start()
-    wait_for(lambda: any(p.stat().st_size > 0 for p in (root / "ray" / "tiny-tau-search").glob("*/progress.csv"))
-             if (root / "ray" / "tiny-tau-search").exists() else False, proc)
+    # 1. during the tau search: the fixed-size probe holds at its first report after the expansion point,
+    #    before the curves can have mixed
+    held = tmp_path / "held-search.json"
+    proc = start({"phase": "tau-search", "role": "fixed", "at_tokens": 1536, "marker": str(held)})
+    wait_for(held.exists, proc)
+    assert json.loads(held.read_text())["tokens"] == 1536
     kill(proc)
     state = json.loads((root / "pipeline_state.json").read_text())
     assert "tau_search" not in state  # the search had not finished
-    # 2. during phase 1: once it has committed a checkpoint
-    proc = start()
-    wait_for(lambda: list((root / "ray" / "tiny-phase1").glob("checkpoint_*/manifest.json"))
-             if (root / "ray" / "tiny-phase1").exists() else False, proc)
+    # 2. during phase 1: rank 0 holds at 3072 tokens, once a checkpoint is committed
+    held = tmp_path / "held-phase1.json"
+    proc = start({"phase": "phase1", "at_tokens": 3072, "marker": str(held)})
+    wait_for(lambda: held.exists() and list((root / "ray" / "tiny-phase1").glob("checkpoint_*/manifest.json")), proc)
     kill(proc)
     state = json.loads((root / "pipeline_state.json").read_text())
     assert "tau_search" in state and "phases" not in state
     # 3. the same command finishes: search skipped, phase 1 resumed from its checkpoint
     log = run(cmd)
-    assert "tau search: 3 probes" not in log  # the finished search is not run again
+    assert "τ search" not in log  # the finished search is not run again
     report = json.loads((root / "report.json").read_text())
     assert [p["name"] for p in report["phases"]] == ["phase1", "phase2"]
     assert report["phases"][0]["tokens"] + report["phases"][1]["tokens"] == 12288
@@ -103,3 +110,4 @@ def test_driver_killed_in_the_search_and_in_phase1_resumes(clean, text_corpus, p
     resumed = [e for e in state["phases"]["phase1"]["history"] if e["event"] == "train"]
     steps = [e["step"] for e in resumed]
     assert steps == sorted(set(steps))  # no step logged twice: the resume continued, it did not restart
+    assert steps[-1] == 12  # phase 1 ran to tau = 6144 tokens (12 steps of 512)

@@ -1,0 +1,44 @@
+"""Fault points for the fault matrix (tests/reliability): ``PROGROW_FAULT`` holds one JSON object or a
+list. Each fault fires once (its ``marker`` file records it, written whole): at the first metrics event
+of ``phase`` on ``rank`` with at least ``at_tokens`` tokens (τ-search probes: ``phase`` "tau-search"
+and the probe's ``role``; the single-process CLI: ``phase`` "train").
+
+Actions: the default kills the process abruptly (as a preempted or OOM-killed worker); ``"hold"``
+blocks instead, a deterministic point at which a test kills the driver (the stage cannot finish
+behind the test's back); ``"corrupt_latest"`` lets the caller damage the newest checkpoint first.
+``delay_s`` waits first (e.g. until Ray has registered the last reported checkpoint). Unset, nothing
+here runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable
+
+FAULT_ENV = "PROGROW_FAULT"
+HOLD_S = 3600.0  # a held process waits here until the test kills it
+
+
+def faults_from_env():
+    return json.loads(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
+
+
+def maybe_inject_fault(faults, phase: str, rank: int, tokens: int, role: str | None = None,
+                       corrupt: Callable[[], str | None] | None = None) -> None:
+    for fault in ([faults] if isinstance(faults, dict) else faults or []):
+        if (fault.get("phase") != phase or fault.get("rank", 0) != rank or tokens < fault["at_tokens"]
+                or fault.get("role", role) != role):
+            continue
+        marker = fault["marker"]
+        if os.path.exists(marker):
+            continue
+        time.sleep(fault.get("delay_s", 0))
+        damaged = corrupt() if fault.get("action") == "corrupt_latest" and corrupt is not None else None
+        with open(marker + ".tmp", "w") as fh:
+            fh.write(json.dumps({"phase": phase, "rank": rank, "tokens": tokens, "pid": os.getpid(), "damaged": damaged}))
+        os.replace(marker + ".tmp", marker)
+        if fault.get("action") == "hold":
+            time.sleep(HOLD_S)
+            raise RuntimeError(f"fault hold at {phase}/{tokens} tokens was never released")
+        os._exit(1)

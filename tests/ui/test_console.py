@@ -1,0 +1,64 @@
+"""The console: in quiet mode everything but the console's own lines (Python prints, native writes to
+fd 2, child processes, thread tracebacks) lands in the log file; progress lines are few off a terminal."""
+
+import subprocess
+import sys
+import textwrap
+
+from progrow_ray.console import Console, fmt_count, fmt_duration
+
+SCRIPT = textwrap.dedent("""
+    import os, subprocess, sys, threading, time
+    from progrow_ray.console import Console
+
+    with Console(sys.argv[1], verbose=sys.argv[2] == "1", interval_s=0.05) as con:
+        con.stage("stage one")
+        print("noise from print")
+        os.write(2, b"noise written to fd 2 as native code does\\n")
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('noise from a child\\\\n')"])
+        t = threading.Thread(target=lambda: 1 / 0)
+        t.start(); t.join()
+        con.detail("a detail for the log")
+        line = con.progress("phase1", 1000)
+        for done in range(0, 1001, 100):
+            line.update(done, rate=1000.0, loss=3.0, world=2)
+            time.sleep(0.02)
+        line.close()
+        con.info("verdict: fine")
+    print("after the console")
+""")
+
+
+def run(tmp_path, verbose: bool):
+    log = tmp_path / "logs" / "run.log"
+    p = subprocess.run([sys.executable, "-c", SCRIPT, str(log), "1" if verbose else "0"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p, log.read_text()
+
+
+def test_quiet_console_shows_only_its_own_lines(tmp_path):
+    p, log = run(tmp_path, verbose=False)
+    lines = p.stdout.splitlines()
+    assert lines[0] == "== stage one" and lines[-2] == "verdict: fine" and lines[-1] == "after the console"
+    assert p.stderr == ""  # nothing that looks like an error: the thread's traceback went to the log
+    assert "noise" not in p.stdout and "ZeroDivisionError" not in p.stdout
+    progress = [l for l in lines if l.startswith("phase1")]
+    assert 1 <= len(progress) <= 6 and "100% 1.0k/1.0k tok" in progress[-1] and "world 2" in progress[-1]
+    for text in ("noise from print", "noise written to fd 2", "noise from a child", "ZeroDivisionError",
+                 "a detail for the log", "== stage one", "verdict: fine"):
+        assert text in log, text
+
+
+def test_verbose_console_shows_everything(tmp_path):
+    p, log = run(tmp_path, verbose=True)
+    assert "noise from print" in p.stdout and "noise written to fd 2" in p.stderr and "ZeroDivisionError" in p.stderr
+    assert "a detail for the log" in p.stdout and "verdict: fine" in log
+
+
+def test_progress_line_text(tmp_path):
+    con = Console(stream=open(tmp_path / "out.txt", "w"), interval_s=1e9)
+    line = con.progress("search", 36_864)
+    line.update(12_288, rate=2_048.0, loss=7.25, note="3 probes")
+    assert line.text() == "search     33% 12.3k/36.9k tok  2.0k tok/s  ETA 0:12  loss 7.250  3 probes"
+    assert fmt_count(1_500_000_000) == "1.5B" and fmt_duration(3725) == "1:02:05"
