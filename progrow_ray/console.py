@@ -33,8 +33,8 @@ class Console:
     """The user's console. ``quiet`` sends everything but this object's own lines to ``log_path``."""
 
     def __init__(self, log_path: str | None = None, verbose: bool = False, stream: TextIO | None = None,
-                 interval_s: float = 60.0):
-        self.log_path, self.verbose, self.interval_s = log_path, verbose, interval_s
+                 interval_s: float = 60.0, clock=time.time):
+        self.log_path, self.verbose, self.interval_s, self.clock = log_path, verbose, interval_s, clock
         self._stream = stream or sys.stdout
         self._saved_fds: tuple[int, int] | None = None
         self._log: TextIO | None = None
@@ -57,19 +57,20 @@ class Console:
 
     def __exit__(self, *exc) -> None:
         self.end_live()
-        if self._saved_fds is not None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(self._saved_fds[0], 1)
-            os.dup2(self._saved_fds[1], 2)
-            for fd in self._saved_fds:
-                os.close(fd)
-            self._saved_fds = None
-            self._stream.close()
-            self._stream = sys.stdout
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        with self._lock:  # a late line from another thread lands before or after, never on a closed file
+            if self._saved_fds is not None:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(self._saved_fds[0], 1)
+                os.dup2(self._saved_fds[1], 2)
+                for fd in self._saved_fds:
+                    os.close(fd)
+                self._saved_fds = None
+                self._stream.close()
+                self._stream = sys.stdout
+            if self._log is not None:
+                self._log.close()
+                self._log = None
 
     @property
     def interactive(self) -> bool:
@@ -130,7 +131,7 @@ class ProgressLine:
     def __init__(self, console: Console, name: str, total: float, unit: str):
         self.console, self.name, self.total, self.unit = console, name, max(float(total), 1.0), unit
         self.done, self.rate, self.loss, self.world, self.note = 0.0, None, None, None, ""
-        self.started = time.time()
+        self.started = console.clock()
         self._last_print = self.started
         self._first: tuple[float, float] | None = None  # (time, done) of the first update
         self._last_update = self.started
@@ -149,7 +150,7 @@ class ProgressLine:
         if self.world:
             parts.append(f"world {self.world}")
         if frac >= 1:
-            parts.append(f"in {fmt_duration(time.time() - self.started)}")
+            parts.append(f"in {fmt_duration(self._last_update - self.started)}")
         if self.note:
             parts.append(self.note)
         return "  ".join(parts)
@@ -167,7 +168,7 @@ class ProgressLine:
                world: int | None = None, note: str | None = None) -> None:
         if self._closed:
             return
-        now = time.time()
+        now = self.console.clock()
         if self._first is None:
             self._first = (now, float(done))
         self._last_update = now
@@ -182,8 +183,8 @@ class ProgressLine:
                 c._live = self
                 c._stream.write("\r\033[K" + self.text())
                 c._stream.flush()
-        elif time.time() - self._last_print >= c.interval_s and self.done < self.total:
-            self._last_print = time.time()
+        elif now - self._last_print >= c.interval_s and self.done < self.total:
+            self._last_print = now
             c._write(self.text())
 
     def close(self, note: str | None = None) -> None:

@@ -64,6 +64,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def job_env_vars() -> dict:
+    """The env_vars of the runtime env a `ray job submit` gave this driver (none outside a job)."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return {}
+
+
 def init_ray(cfg: PipelineConfig, address: str | None, log) -> bool:
     """Connect to ``address`` / RAY_ADDRESS, or start a local cluster. Returns True if we started it.
 
@@ -85,6 +94,8 @@ def init_ray(cfg: PipelineConfig, address: str | None, log) -> bool:
     api = os.environ.get("RAY_API_SERVER_ADDRESS")
     if target:
         where = {"RAY_API_SERVER_ADDRESS": api} if api else ({"RAY_ADDRESS": target} if target != "auto" else {})
+        # Ray refuses a key that the submitted job's own runtime env already sets (even to the same value)
+        where = {k: v for k, v in where.items() if k not in job_env_vars()}
         ray.init(address=target, log_to_driver=True, runtime_env={"env_vars": where} if where else None)
         log(f"== Ray: connected to Ray at {target}")
         return False
@@ -133,6 +144,12 @@ class Pipeline:
         self.storage_path, self.storage_fs = ray_storage(join(cfg.out, cfg.name, "ray"))
         self.state = read_json(join(self.root, STATE)) or {}
         self.tracking_uri = tracking_uri(cfg, mlflow_uri)
+
+    @property
+    def pipeline_tag(self) -> str:
+        """What the comparison views group by besides the arm: this pipeline run, not every run of its name."""
+        parent = self.state.get("mlflow_parent_run_id")
+        return f"{self.cfg.name} {parent[:8]}" if parent else self.cfg.name
 
     # ---- state ----------------------------------------------------------------------------------
     def save_state(self) -> None:
@@ -212,9 +229,10 @@ class Pipeline:
             self.console.stage("τ search (Ray Tune): probes measure the mixing time")
         if not cfg.tune.enabled:
             tau = cfg.tau_tokens
+            verdict = (f"tau set by the config: {tau:,} tokens (no search)" if tau else
+                       "growth.enabled=false: the target model trains at full depth from the start (no search)")
             result = {"t_mix_tokens": None, "tau_tokens": tau, "expand": tau is not None and tau > 0,
-                      "verdict": f"tau set by the config: {tau:,} tokens (no search)", "search_flops": 0.0,
-                      "trials": []}
+                      "verdict": verdict, "search_flops": 0.0, "trials": []}
         else:
             live: dict = {}
 
@@ -238,7 +256,7 @@ class Pipeline:
             for trial in result["trials"]:
                 rid = self.tracker.start_run(f"search-{trial['role']}", parent_id=self.parent,
                                              tags={"progrow.phase": "tau-search", "progrow.role": trial["role"],
-                                                   ARM_TAG: f"search-{trial['role']}", PIPELINE_TAG: cfg.name})
+                                                   ARM_TAG: f"search-{trial['role']}", PIPELINE_TAG: self.pipeline_tag})
                 self.tracker.log_history(rid, [{"event": "train", "step": i, "tokens": c["tokens"], "flops": c["flops"],
                                                 "train_loss": c["train_loss"]} for i, c in enumerate(trial["curve"])])
                 self.tracker.end(rid)
@@ -376,7 +394,7 @@ class Pipeline:
                     "restore_and_expand_s": expand[-1]["time"] - outcome.loop_start_time}
         # the arm a saved view groups by: phase 1 and 2 form the "progressive" run (track_progressive)
         arm = {"fixed": "fixed-size", "baseline": "baseline"}.get(name)
-        arm_tags = {ARM_TAG: arm, PIPELINE_TAG: cfg.name} if arm else {}  # untagged runs stay out of the views
+        arm_tags = {ARM_TAG: arm, PIPELINE_TAG: self.pipeline_tag} if arm else {}  # the rest stays out of the views
         summary["mlflow"] = {"params": run, "tags": {"progrow.phase": name, "progrow.depth": r["depth"], **arm_tags,
                                                      "progrow.workers": workers, **(tags or {})}, "run_id": None}
         self.state.setdefault("phases", {})[name] = summary
@@ -403,14 +421,16 @@ class Pipeline:
     def track_progressive(self) -> None:
         """One child run "progressive" with both phases' curves: the progressive arm of the comparison
         views (phase1 and phase2 keep their own runs, with their params and workers)."""
+        from .report import own_events
+
         phases = self.state.get("phases", {})
         if "phase2" not in phases or self.state.get("mlflow_progressive_run_id"):
             return
         p1, p2 = phases["phase1"], phases["phase2"]
         rid = self.tracker.start_run("progressive", parent_id=self.parent, params=p2["mlflow"]["params"], tags={
-            "progrow.phase": "phase1+phase2", ARM_TAG: "progressive", PIPELINE_TAG: self.cfg.name,
+            "progrow.phase": "phase1+phase2", ARM_TAG: "progressive", PIPELINE_TAG: self.pipeline_tag,
             "progrow.depth": f"{p1['depth']} -> {p2['depth']}", "progrow.workers": f"{p1['workers']} -> {p2['workers']}"})
-        self.tracker.log_history(rid, p1["history"] + p2["history"])
+        self.tracker.log_history(rid, p1["history"] + own_events(p2["history"], p1["history"]))
         self.tracker.end(rid)
         self.state["mlflow_progressive_run_id"] = rid or "disabled"
         self.save_state()
@@ -563,22 +583,26 @@ def main(argv: list[str] | None = None) -> int:
     log_path = log_path_for(cfg)
     console = Console(log_path, verbose=args.verbose)
     run_started = False
+    saved_api = os.environ.get("RAY_API_SERVER_ADDRESS")
     try:
         with console:
             console.info(f"log: {log_path}" + ("" if args.verbose else " (Ray's own output; --verbose shows it here)"))
             pipeline.console, pipeline.log = console, console.info
+            import ray
+
+            ours = not ray.is_initialized()
             local = init_ray(cfg, args.address, console)
             try:
                 check_capacity(cfg, local)
                 run_started = True
                 report = pipeline.run()
             finally:
-                if local:
-                    import ray
-
+                if ours:  # inside the console: what Ray prints while shutting down goes to the log too
                     ray.shutdown()
-            if is_s3(cfg.out):
-                write_bytes(join(pipeline.root, "logs", os.path.basename(log_path)), Path(log_path).read_bytes())
+                if saved_api is None:
+                    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+                else:
+                    os.environ["RAY_API_SERVER_ADDRESS"] = saved_api
     except ConfigError:
         if not run_started:  # a refused run leaves nothing behind, not even its log
             Path(log_path).unlink(missing_ok=True)
@@ -592,8 +616,20 @@ def main(argv: list[str] | None = None) -> int:
         with open(log_path, "a") as fh:
             traceback.print_exc(file=fh)
         raise RunFailed(f"{type(e).__name__}: {e}".splitlines()[0] + f" (full log: {log_path})") from e
+    finally:
+        if run_started and is_s3(cfg.out):
+            upload_log(log_path, join(pipeline.root, "logs", os.path.basename(log_path)))
     print_summary(report, cfg, started)
     return 0
+
+
+def upload_log(local: str, remote: str) -> None:
+    """S3 runs keep their log beside the report, also when they failed; never changes the outcome."""
+    try:
+        write_bytes(remote, Path(local).read_bytes())
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: could not copy the run log to {remote} ({type(e).__name__}); it stays at {local}",
+              file=sys.stderr)
 
 
 def print_summary(report: dict, cfg: PipelineConfig, started: float) -> None:

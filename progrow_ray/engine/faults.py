@@ -20,6 +20,16 @@ FAULT_ENV = "PROGROW_FAULT"
 HOLD_S = 3600.0  # a held process waits here until the test kills it
 
 
+def hold() -> None:
+    """Block until killed, for at most HOLD_S; exit at once if the parent process goes away (a test
+    that failed before its kill must not leave a held worker on the machine)."""
+    parent, deadline = os.getppid(), time.time() + HOLD_S
+    while time.time() < deadline:
+        if os.getppid() != parent:
+            os._exit(1)
+        time.sleep(0.5)
+
+
 def faults_from_env():
     return json.loads(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
 
@@ -39,6 +49,6 @@ def maybe_inject_fault(faults, phase: str, rank: int, tokens: int, role: str | N
             fh.write(json.dumps({"phase": phase, "rank": rank, "tokens": tokens, "pid": os.getpid(), "damaged": damaged}))
         os.replace(marker + ".tmp", marker)
         if fault.get("action") == "hold":
-            time.sleep(HOLD_S)
+            hold()
             raise RuntimeError(f"fault hold at {phase}/{tokens} tokens was never released")
         os._exit(1)

@@ -85,18 +85,24 @@ class Tracker:
             self.client = MlflowClient(tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-            if exp is None or not any(k.startswith("mlflow.sharedViewState.") for k in exp.tags):
-                self._add_views()
         except Exception as e:  # noqa: BLE001
             self._fail(e)
+            return
+        if exp is None or not any(k.startswith("mlflow.sharedViewState.") for k in exp.tags):
+            try:
+                self._add_views(has_note=exp is not None and "mlflow.note.content" in exp.tags)
+            except Exception as e:  # noqa: BLE001  (a server that refuses the tags still tracks runs)
+                self.log(f"warning: MLflow did not take the comparison views ({type(e).__name__}); runs are tracked")
 
-    def _add_views(self) -> None:
+    def _add_views(self, has_note: bool) -> None:
         """Mark the experiment as model training (not GenAI) and add the comparison views."""
         now = int(time.time() * 1000)
         self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
         for i, (key, (name, x, charts)) in enumerate(VIEWS.items()):
             self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{key}",
                                            view_tag(name, x, charts, now + i))
+        if has_note:  # the user's own description stays
+            return
         self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", (
             "Progressive depth training runs (progrow_ray). Each pipeline is a parent run; the children that carry "
             f"a whole curve are tagged `{ARM_TAG}` (progressive, baseline, fixed-size, search-<probe>). Open the saved view "

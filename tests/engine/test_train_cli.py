@@ -50,11 +50,13 @@ def test_killed_run_resumes_to_identical_losses(text_corpus, prepared, tmp_path)
     hold = {"phase": "train", "at_tokens": 10240, "action": "hold", "marker": str(held)}
     p = train(cfg, env={**os.environ, "PROGROW_FAULT": json.dumps(hold)})
     deadline = time.time() + 240
-    while not held.exists():
-        assert p.poll() is None and time.time() < deadline, p.stdout.read()[-2000:] if p.poll() is not None else ""
-        time.sleep(0.2)
-    p.send_signal(signal.SIGKILL)  # no clean-up, no final checkpoint
-    p.wait()
+    try:
+        while not held.exists():
+            assert p.poll() is None and time.time() < deadline, p.stdout.read()[-2000:] if p.poll() is not None else ""
+            time.sleep(0.2)
+    finally:
+        p.send_signal(signal.SIGKILL)  # no clean-up, no final checkpoint (and none left behind if the test failed)
+        p.wait()
     first = per_step_losses(tmp_path / "kill" / "t")
     assert max(first) == 20, "held at 10240 tokens = step 20 of 32"
     p = train(cfg)

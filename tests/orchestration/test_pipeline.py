@@ -205,12 +205,15 @@ def test_rerun_resumes_a_killed_driver_and_skips_a_finished_run(text_corpus, pre
     state_path = out / "tiny" / "pipeline_state.json"
     deadline = time.time() + 400
     # kill the driver once phase 2 holds and has committed a checkpoint
-    while not (held.exists() and list((out / "tiny" / "ray" / "tiny-phase2").glob("checkpoint_*/manifest.json"))):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while not (held.exists() and list((out / "tiny" / "ray" / "tiny-phase2").glob("checkpoint_*/manifest.json"))):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "timed out"
+            time.sleep(0.5)
+    finally:  # the kill under test, and no held run left behind if the wait failed
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     state = json.loads(state_path.read_text())
     assert "phase1" in state["phases"] and "phase2" not in state["phases"]
     log = run(cmd)

@@ -59,12 +59,18 @@ def test_worker_faults_and_a_torn_checkpoint_end_bit_exactly_like_a_clean_run(cl
 
 
 def wait_for(predicate, proc, timeout=400):
-    """Polls a condition that cannot pass by (the run is held at a fault point), bounded in time."""
+    """Polls a condition that cannot pass by (the run is held at a fault point), bounded in time; a
+    failed wait kills the run's process group, so no held process outlives the test."""
     deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.3)
+    try:
+        while not predicate():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "timed out"
+            time.sleep(0.3)
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
 
 
 def test_driver_killed_in_the_search_and_in_phase1_resumes(clean, text_corpus, prepared, tmp_path):

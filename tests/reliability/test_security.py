@@ -155,8 +155,9 @@ def test_secrets_never_reach_mlflow_or_the_log(tmp_path, text_corpus, prepared):
         blob = json.dumps([r.data.params, r.data.tags, list(r.data.metrics)])
         assert secret not in blob
         for a in client.list_artifacts(r.info.run_id):
-            local = client.download_artifacts(r.info.run_id, a.path, str(tmp_path / "dl"))
-            assert secret.encode() not in Path(local).read_bytes(), a.path
+            local = Path(client.download_artifacts(r.info.run_id, a.path, str(tmp_path / "dl")))
+            for f in ([local] if local.is_file() else [f for f in local.rglob("*") if f.is_file()]):  # images/
+                assert secret.encode() not in f.read_bytes(), f
     for f in out.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".md", ".yaml", ".log", ".jsonl", ".txt"):
             assert secret not in f.read_text(errors="ignore"), f

@@ -11,7 +11,7 @@ SCRIPT = textwrap.dedent("""
     import os, subprocess, sys, threading, time
     from progrow_ray.console import Console
 
-    with Console(sys.argv[1], verbose=sys.argv[2] == "1", interval_s=0.05) as con:
+    with Console(sys.argv[1], verbose=sys.argv[2] == "1", interval_s=3600) as con:
         con.stage("stage one")
         print("noise from print")
         os.write(2, b"noise written to fd 2 as native code does\\n")
@@ -43,8 +43,8 @@ def test_quiet_console_shows_only_its_own_lines(tmp_path):
     assert lines[0] == "== stage one" and lines[-2] == "verdict: fine" and lines[-1] == "after the console"
     assert p.stderr == ""  # nothing that looks like an error: the thread's traceback went to the log
     assert "noise" not in p.stdout and "ZeroDivisionError" not in p.stdout
-    progress = [l for l in lines if l.startswith("phase1")]
-    assert 1 <= len(progress) <= 6 and "100% 1.0k/1.0k tok" in progress[-1] and "world 2" in progress[-1]
+    progress = [l for l in lines if l.startswith("phase1")]  # off a terminal: the final line only (interval 1 h)
+    assert len(progress) == 1 and "100% 1.0k/1.0k tok" in progress[0] and "world 2" in progress[0]
     for text in ("noise from print", "noise written to fd 2", "noise from a child", "ZeroDivisionError",
                  "a detail for the log", "== stage one", "verdict: fine"):
         assert text in log, text
@@ -62,3 +62,18 @@ def test_progress_line_text(tmp_path):
     line.update(12_288, rate=2_048.0, loss=7.25, note="3 probes")
     assert line.text() == "search     33% 12.3k/36.9k tok  2.0k tok/s  ETA 0:12  loss 7.250  3 probes"
     assert fmt_count(1_500_000_000) == "1.5B" and fmt_duration(3725) == "1:02:05"
+
+
+def test_progress_off_a_terminal_prints_once_per_interval(tmp_path):
+    now = [0.0]
+    out = tmp_path / "out.txt"
+    with open(out, "w") as stream:
+        con = Console(stream=stream, interval_s=60.0, clock=lambda: now[0])
+        line = con.progress("phase2", 100_000)
+        for i in range(1, 101):  # 100 updates, 5 s apart: 500 s in all
+            now[0] += 5.0
+            line.update(i * 1000, loss=4.0)
+        line.close()
+    lines = out.read_text().splitlines()
+    assert len(lines) == 500 // 60 + 1  # one every 60 s, and the final one
+    assert lines[-1].startswith("phase2    100% 100.0k/100.0k tok  200 tok/s  loss 4.000  in 8:20")
