@@ -232,6 +232,9 @@ def test_ray_job_submit_against_a_started_head(text_corpus, prepared, tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             # not the default agent port 52365: another cluster on the machine may hold it
+                             # ("No available agent to submit job")
+                             f"--dashboard-agent-listen-port={free_port()}",
                              f"--temp-dir={tempfile.mkdtemp(prefix='rh', dir='/tmp')}"],  # short: socket paths
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
