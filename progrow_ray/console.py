@@ -171,7 +171,8 @@ class ProgressLine:
         now = self.console.clock()
         if self._first is None:
             self._first = (now, float(done))
-        self._last_update = now
+        if float(done) > self.done or self._last_update == self.started:  # progress, not a repeated poll
+            self._last_update = now
         self.done = max(self.done, float(done))
         self.rate = rate if rate else self.rate
         self.loss = loss if loss is not None else self.loss

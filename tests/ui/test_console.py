@@ -77,3 +77,16 @@ def test_progress_off_a_terminal_prints_once_per_interval(tmp_path):
     lines = out.read_text().splitlines()
     assert len(lines) == 500 // 60 + 1  # one every 60 s, and the final one
     assert lines[-1].startswith("phase2    100% 100.0k/100.0k tok  200 tok/s  loss 4.000  in 8:20")
+
+
+def test_repeated_polls_without_progress_do_not_drag_the_rate_down(tmp_path):
+    now = [0.0]
+    with open(tmp_path / "out.txt", "w") as stream:
+        line = Console(stream=stream, interval_s=1e9, clock=lambda: now[0]).progress("phase1", 10_000)
+        line.update(1000)
+        now[0] = 1.0
+        line.update(2000)
+        for _ in range(5):  # the driver polls every second; the workers are evaluating
+            now[0] += 1.0
+            line.update(2000)
+        assert "1.0k tok/s" in line.text() and "ETA 0:08" in line.text()
