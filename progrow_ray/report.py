@@ -10,6 +10,8 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
+from .console import fmt_count
+
 LOSS_KEYS = (("train_loss", "--", "train"), ("val_loss", "-", "val"))
 
 
@@ -97,24 +99,15 @@ def render_png(data: PlotData, title: str) -> bytes:
     return buf.getvalue()
 
 
-def human_tokens(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return f"{n:,.0f}"
-
-
 def t_mix_text(search: dict, total_tokens: int) -> str:
     """The mixing time as a person would say it."""
     t = search.get("t_mix_tokens")
     if t is not None:
-        return f"the expanded model caught up with the fixed-size one after {human_tokens(t)} tokens (t_mix)"
+        return f"the expanded model caught up with the fixed-size one after {fmt_count(t)} tokens (t_mix)"
     if not search.get("trials"):
         return "not measured (no τ search ran)"
     cap = search.get("cap_tokens")
-    within = f" within the {human_tokens(cap)}-token probes" if cap else ""
+    within = f" within the {fmt_count(cap)}-token probes" if cap else ""
     return f"the expanded model did not catch up with the fixed-size one{within}, so no mixing time was measured"
 
 
