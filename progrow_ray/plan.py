@@ -2,8 +2,10 @@
 
 Prices a preset without training: FLOPs of fixed-size vs progressive training for a range of τ, GPU-hours
 at a given MFU on a given GPU, and the predicted saving — from the core's FLOPs model (6N + attention per
-token, active experts only for MoE, conv by conv per image for ResNet). With ``--t-mix`` it also applies
-the τ planner (τ = end of stable − t_mix).
+token, active experts only for MoE, conv by conv per image for ResNet), and the fraction under the paper's
+eq. 1.1 convention too (6 x non-embedding parameters per token: the "5x" of its Figure 1). GPU-hours use
+the full count: it is what the GPU executes. With ``--t-mix`` it also applies the τ planner
+(τ = end of stable − t_mix).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def plan(cfg: PipelineConfig, taus: list[float], gpu: str, mfu: float, t_mix_tok
     kw = {"seq_len": cfg.data.seq_len} if hasattr(target, "block_size") else {}
     total = cfg.train.total_tokens
     rows = plan_savings(target, cfg.growth.source_depth, total, taus, **kw)
+    paper_rows = plan_savings(target, cfg.growth.source_depth, total, taus, convention="paper", **kw)
     rate = GPU_PEAK_TFLOPS[gpu] * 1e12 * mfu
     sched = cfg.schedule_fn()
     source_flops, target_flops = cfg.flops_per_unit()
@@ -38,8 +41,9 @@ def plan(cfg: PipelineConfig, taus: list[float], gpu: str, mfu: float, t_mix_tok
         "gpu": gpu, "mfu": mfu, "decay_starts_at": sched.stable_end_tokens / total,
         "rows": [{"tau_frac": r.tau_frac, "progressive_flops": r.progressive_flops, "fixed_flops": r.fixed_flops,
                   "flops_fraction": r.flops_fraction, "speedup": r.speedup,
+                  "flops_fraction_paper": pr.flops_fraction, "speedup_paper": pr.speedup,
                   "gpu_hours": r.progressive_flops / rate / 3600, "fixed_gpu_hours": r.fixed_flops / rate / 3600,
-                  "valid": r.tau_frac * total <= sched.stable_end_tokens} for r in rows],
+                  "valid": r.tau_frac * total < sched.stable_end_tokens} for r, pr in zip(rows, paper_rows)],
     }
     if t_mix_tokens is not None:
         p = plan_tau(MixResult(True, t_mix_tokens, None, None, 0.0), total_tokens=total,
@@ -66,11 +70,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{p['target_flops_per_unit']:.3e} (target) training FLOPs per {u[:-1]}")
     print(f"GPU-hours on {args.gpu} at {args.mfu:.0%} MFU ({GPU_PEAK_TFLOPS[args.gpu]:.0f} TF/s dense bf16 peak)\n")
     fixed = p["rows"][0]
-    print(f"{'tau/T':>6} {'FLOPs':>11} {'fraction':>9} {'speedup':>8} {'GPU-hours':>10} {'saved GPU-h':>12}")
-    print(f"{'fixed':>6} {fixed['fixed_flops']:>11.3e} {1:>9.1%} {1:>7.2f}x {fixed['fixed_gpu_hours']:>10,.0f} {0:>12,.0f}")
+    print("FLOPs fraction and speedup of progressive vs fixed-size training under two counts:")
+    print("  full   head + attention included: what the GPU executes (GPU-hours use it)")
+    print("  paper  the paper's eq. 1.1: 6 x non-embedding parameters per token (its Figure 1 '5x')\n")
+    print(f"{'':>6} {'':>11} {'---- full ----':>18} {'--- paper ---':>17}")
+    print(f"{'tau/T':>6} {'FLOPs':>11} {'fraction':>9} {'speedup':>8} {'fraction':>9} {'speedup':>7} "
+          f"{'GPU-hours':>10} {'saved GPU-h':>12}")
+    print(f"{'fixed':>6} {fixed['fixed_flops']:>11.3e} {1:>9.1%} {1:>7.2f}x {1:>9.1%} {1:>6.2f}x "
+          f"{fixed['fixed_gpu_hours']:>10,.0f} {0:>12,.0f}")
     for r in p["rows"]:
-        note = "" if r["valid"] else "  (after the decay starts: mixing fails, paper §5.2)"
+        note = "" if r["valid"] else "  (no stable phase left to mix in: mixing fails, paper §5.2)"
         print(f"{r['tau_frac']:>6.2f} {r['progressive_flops']:>11.3e} {r['flops_fraction']:>9.1%} {r['speedup']:>7.2f}x "
+              f"{r['flops_fraction_paper']:>9.1%} {r['speedup_paper']:>6.2f}x "
               f"{r['gpu_hours']:>10,.0f} {r['fixed_gpu_hours'] - r['gpu_hours']:>12,.0f}{note}")
     if "tau_plan" in p:
         print(f"\nwith t_mix = {args.t_mix:,} {u}: {p['tau_plan']['verdict']}")

@@ -7,6 +7,15 @@ not; for MoE only the ``top_k`` active experts), plus attention's ``12 L T d`` (
 square, the nanoGPT / PaLM MFU convention). A ResNet is counted per image, conv by conv.
 
 The "unit" of a run is what its data is measured in: tokens for language models, images for ResNet.
+
+Two conventions, both legitimate, both reported (``CONVENTIONS``):
+
+full   the above: what the hardware executes (head and attention included); ``FlopCounterMode`` agrees.
+paper  the paper's eq. 1.1, 6 B T N with N the *non-embedding* parameters (Kaplan et al. 2020): no head,
+       no attention. A zero-layer source then costs 0, so expanding at 0.8 T costs 0.2 of the fixed run
+       — the paper's "5x" — where the full count, which charges the zero-layer model its 39M-weight
+       head, gives 0.417 (2.4x) at 124M. The gap closes with size: from zero layers at 0.8 T to the 7B
+       preset, 4.6x (full) vs 5.0x (paper). ResNet has no embedding: both conventions are the conv count.
 """
 
 from __future__ import annotations
@@ -38,7 +47,18 @@ def matmul_params_per_token(cfg) -> int:
     raise ConfigError(f"no token FLOPs model for {type(cfg).__name__}")
 
 
-def train_flops_per_token(cfg, seq_len: int | None = None) -> float:
+CONVENTIONS = ("full", "paper")
+
+
+def non_embedding_params_per_token(cfg) -> int:
+    """The paper's N (eq. 1.1): matmul weights a token passes through, less the head (tied or not)."""
+    return matmul_params_per_token(cfg) - cfg.vocab_size * cfg.n_embd
+
+
+def train_flops_per_token(cfg, seq_len: int | None = None, convention: str = "full") -> float:
+    if convention == "paper":
+        return 6.0 * non_embedding_params_per_token(cfg)
+    require(convention == "full", f"FLOPs convention must be one of {list(CONVENTIONS)}, got {convention!r}")
     T = cfg.block_size if seq_len is None else seq_len
     return 6.0 * matmul_params_per_token(cfg) + 12.0 * cfg.n_layer * T * cfg.n_embd
 
@@ -71,11 +91,12 @@ def train_flops_per_image(cfg: ResNetConfig, image_size: int = 224) -> float:
     return 3.0 * (fwd + stem) - stem
 
 
-def train_flops_per_unit(cfg, seq_len: int | None = None, image_size: int = 224) -> float:
+def train_flops_per_unit(cfg, seq_len: int | None = None, image_size: int = 224, convention: str = "full") -> float:
     """FLOPs per token (language models) or per image (ResNet) of one training step."""
     if isinstance(cfg, ResNetConfig):
+        require(convention in CONVENTIONS, f"FLOPs convention must be one of {list(CONVENTIONS)}, got {convention!r}")
         return train_flops_per_image(cfg, image_size)
-    return train_flops_per_token(cfg, seq_len)
+    return train_flops_per_token(cfg, seq_len, convention)
 
 
 def with_depth(cfg, depth):
@@ -103,20 +124,27 @@ class SavingsRow:
         return self.progressive_flops / self.fixed_flops
 
     @property
-    def speedup(self) -> float:
-        return self.fixed_flops / self.progressive_flops
+    def speedup(self) -> float:  # inf: a zero-layer source costs nothing under the paper's count at tau = T
+        return self.fixed_flops / self.progressive_flops if self.progressive_flops else float("inf")
 
 
 def plan_savings(large_cfg, source_depth, total_units: int, tau_fracs: Sequence[float],
-                 seq_len: int | None = None, image_size: int = 224) -> list[SavingsRow]:
+                 seq_len: int | None = None, image_size: int = 224, convention: str = "full") -> list[SavingsRow]:
     """FLOPs of progressive training from ``source_depth`` vs fixed-size training of ``large_cfg``,
-    for each expansion point τ = ``tau_frac`` × horizon (the paper's eq. 1.1)."""
+    for each expansion point τ = ``tau_frac`` × horizon (the paper's eq. 1.1), under ``convention``."""
     require(total_units > 0, f"total tokens/images must be > 0, got {total_units}")
-    small = train_flops_per_unit(with_depth(large_cfg, source_depth), seq_len, image_size)
-    large = train_flops_per_unit(large_cfg, seq_len, image_size)
+    small = train_flops_per_unit(with_depth(large_cfg, source_depth), seq_len, image_size, convention)
+    large = train_flops_per_unit(large_cfg, seq_len, image_size, convention)
     rows = []
     for f in tau_fracs:
         require(0 <= f <= 1, f"tau fractions must be in [0, 1], got {f}")
         tau = int(round(f * total_units))
         rows.append(SavingsRow(f, tau, run_flops(small, large, total_units, tau), large * total_units))
     return rows
+
+
+def run_flops_by_segments(cfg_at_depth, segments: Sequence[tuple[object, float]], seq_len: int | None = None,
+                          image_size: int = 224, convention: str = "full") -> float:
+    """FLOPs of a run given as ``[(depth, units trained at that depth), ...]``; ``cfg_at_depth(depth)``
+    gives the model config at each depth. Reports use it to count a finished run both ways."""
+    return sum(train_flops_per_unit(cfg_at_depth(d), seq_len, image_size, convention) * units for d, units in segments)

@@ -10,7 +10,8 @@ copying_last   copies of the last layer: [1, 2, 3] -> [1, 2, 3, 3, 3, 3]        
 copying_stack  the stack repeated: [1, 2, 3] -> [1, 2, 3, 1, 2, 3]                 >= 1 layer
 copying_inter  each layer repeated in place: [1, 2, 3] -> [1, 1, 2, 2, 3, 3]       >= 1 layer
 copying_zero   copying_stack with the normalisation sub-layers zeroed (Shen et     >= 1 layer
-               al. 2022): each copy outputs 0, so the function is preserved
+               al. 2022), and the copies' linear biases: each copy outputs 0, so the
+               function is preserved
 =============  ==================================================================  =================
 
 Copying from a zero-layer model is invalid (nothing to copy); from one layer the copying variants are
@@ -89,10 +90,16 @@ def layout(method: str, source: int, target: int) -> list[Origin]:
 
 
 def zero_norms_(block: nn.Module) -> None:
+    """copying_zero's surgery on a copy: every normalisation's scale and shift become 0, so each
+    sub-layer reads 0; so do the biases of its linear maps and convolutions, so each maps 0 to 0
+    (GELU / SiLU / ReLU of 0 is 0, attention over zero values is 0). The copy then adds exactly 0 to
+    the residual stream, with or without ``model.bias``; its weight matrices stay copies."""
     for m in block.modules():
         if isinstance(m, NORM_TYPES):
             for p in m.parameters(recurse=False):
                 nn.init.zeros_(p)
+        elif isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def zero_(block: nn.Module) -> None:

@@ -143,7 +143,7 @@ def plan_tau(mix: MixResult, *, total_tokens: int, warmup_tokens: float, stable_
     if tau <= warmup_tokens:
         return fixed_size(f"mixing needs {needed:,.0f} tokens but the stable phase after warmup has "
                           f"{stable_end_tokens - warmup_tokens:,.0f}")
-    tau = int(min(tau, stable_end_tokens))
+    tau = int(min(tau, stable_end_tokens - 1))  # a t_mix of 0 still leaves τ inside the stable phase
     if align is not None:
         tau = int(align(tau))
     progressive = small_flops_per_token * tau + large_flops_per_token * (total_tokens - tau)

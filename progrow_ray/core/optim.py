@@ -1,8 +1,16 @@
 """Optimizers: the paper's Muon-NSGD and an AdamW factory, with parameter groups that survive growth.
 
-Muon-NSGD (paper §2, App. B): every tensor with >= 2 dims gets Muon — Nesterov momentum, then
-Newton–Schulz orthogonalisation — and every other tensor gets normalised SGD, m / ||m||. One learning
-rate for both, decoupled weight decay ``p <- p (1 - lr wd)``.
+Muon-NSGD (paper §2, App. B): every tensor with >= 2 dims gets Muon — momentum (Nesterov, as Jordan
+et al.'s Muon), then Newton–Schulz orthogonalisation — and every other tensor gets normalised SGD,
+``W <- (1 - lr wd) W - lr m_t / ||m_t||`` with the plain momentum m_t, as the paper writes it (Nesterov
+on request). One learning rate for both, decoupled weight decay.
+
+The Muon update of each matrix is scaled by a factor of its logical (fan_out, fan_in) (``core/layouts.py``),
+the convention ``muon_scale`` picks (``MUON_SCALES``). The paper lists two departures from Jordan et al.'s
+Muon — "optimizing all 2D tensors with Muon and other tensors with NSGD" and "a single learning rate" — so
+the default keeps Jordan's factor sqrt(max(1, fan_out / fan_in)); its App. B formula, W - lr NS(m), with
+no factor, is ``none``. An embedding is read as the d x vocab map it is (one-hot input), so ``jordan``
+gives it 1 (it gave an untied V x d embedding sqrt(V / d) by its storage).
 
 Every parameter group carries a ``kind`` ("muon" / "nsgd" or "decay" / "no_decay") and a ``family``
 ("muon_nsgd" / "adamw"), so ``sync_param_groups`` can place the parameters of new layers after a
@@ -18,9 +26,28 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, require
+from .layouts import MatrixLayout, layout_from_shape, matrix_layouts
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: fast, lands sigma in ~[0.7, 1.2]
 FAMILIES = ("muon_nsgd", "adamw")
+MUON_SCALES = ("jordan", "none", "spectral")
+
+
+def muon_scale_factor(layout: MatrixLayout, convention: str) -> float:
+    """The multiplier of an orthogonalised update (spectral norm ~1) of one of ``layout``'s matrices.
+
+    jordan    sqrt(max(1, fan_out / fan_in)) (Jordan et al. 2024; torch.optim.Muon's default)
+    none      1: the paper's App. B update, W - lr NS(m)
+    spectral  sqrt(fan_out / fan_in): the update's size the muP spectral condition asks for
+              (Yang, Simon & Bernstein 2023)
+    """
+    if convention == "none":
+        return 1.0
+    if convention == "jordan":
+        return max(1.0, layout.fan_out / layout.fan_in) ** 0.5
+    if convention == "spectral":
+        return (layout.fan_out / layout.fan_in) ** 0.5
+    raise ConfigError(f"optimizer.muon_scale must be one of {list(MUON_SCALES)}, got {convention!r}")
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -41,14 +68,6 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
     return X.reshape(G.shape).to(G.dtype)
 
 
-def as_matrices(t: torch.Tensor) -> torch.Tensor:
-    """The matrix view Muon orthogonalises: 2-D as is; 3-D (experts, in, out) as a batch of matrices,
-    one per expert; 4-D convolution kernels as (out_channels, in_channels * kh * kw)."""
-    if t.ndim == 2 or t.ndim == 3:
-        return t
-    return t.reshape(t.size(0), -1)
-
-
 class MuonNSGD(torch.optim.Optimizer):
     """Muon for >= 2-D tensors, NSGD for the rest, one learning rate (paper's Muon-NSGD).
 
@@ -59,25 +78,52 @@ class MuonNSGD(torch.optim.Optimizer):
 
     Same-shape Muon updates are stacked and orthogonalised in one batched Newton–Schulz call (a GPT
     has L copies of each block matrix), which keeps the step close to AdamW's cost on a GPU.
+
+    ``layouts`` maps parameters to their ``MatrixLayout`` (``build_optimizer`` takes it from the model);
+    a parameter not in it is read by its shape (``layouts.layout_from_shape``).
+    ``nesterov`` / ``nsgd_nesterov``: the momentum form of the Muon / NSGD groups.
     """
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.1, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
-                 eps: float = 1e-7):
+                 eps: float = 1e-7, muon_scale: str = "jordan", nsgd_nesterov: bool = False,
+                 layouts: Mapping[torch.Tensor, MatrixLayout] | None = None):
         require(lr >= 0, f"optimizer.lr must be >= 0, got {lr}")
         require(0 <= momentum < 1, f"optimizer.momentum must be in [0, 1), got {momentum}")
         require(weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {weight_decay}")
         require(ns_steps >= 1, f"optimizer.ns_steps must be >= 1, got {ns_steps}")
+        require(muon_scale in MUON_SCALES, f"optimizer.muon_scale must be one of {list(MUON_SCALES)}, got {muon_scale!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        ns_steps=ns_steps, eps=eps, kind=None, family="muon_nsgd")
+                        ns_steps=ns_steps, eps=eps, muon_scale=muon_scale, kind=None, family="muon_nsgd")
+        params = list(params)
+        if params and isinstance(params[0], dict):  # a group's own "nesterov" wins
+            params = [{"nesterov": nsgd_nesterov, **g} if g.get("kind") == "nsgd" else g for g in params]
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
+        self.layouts: dict[torch.Tensor, MatrixLayout] = dict(layouts or {})
         for group in self.param_groups:
             if group["kind"] is None:  # plain parameter list: split it the standard way
                 require(all(p.ndim >= 2 for p in group["params"]) or all(p.ndim < 2 for p in group["params"]),
-                        "MuonNSGD: pass parameter groups from muon_nsgd_param_groups(model), or give each group a 'kind'")
+                        "MuonNSGD: pass parameter groups from param_groups(model, 'muon_nsgd'), or give each group a 'kind'")
                 group["kind"] = "muon" if group["params"] and group["params"][0].ndim >= 2 else "nsgd"
+                group["nesterov"] = nesterov if group["kind"] == "muon" else nsgd_nesterov
             require(group["kind"] in ("muon", "nsgd"), f"MuonNSGD group kind must be 'muon' or 'nsgd', got {group['kind']!r}")
+
+        # what this optimizer was built with: a checkpoint's param groups must not override them on load
+        self._forms = {g["kind"]: {k: g[k] for k in ("nesterov", "muon_scale")} for g in self.param_groups}
+
+    def __setstate__(self, state: dict) -> None:  # copy / pickle keep only torch's fields
+        super().__setstate__(state)
+        self.__dict__.setdefault("layouts", {})
+        self.__dict__.setdefault("ns_dtype", None)
+        self.__dict__.setdefault("_forms", {})
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Momenta from the checkpoint, the momentum form and Muon scale from the config: a run resumed
+        under a config that changed them uses the config's."""
+        super().load_state_dict(state_dict)
+        for g in self.param_groups:
+            g.update(self._forms.get(g["kind"], {}))
 
     def _ns_dtype(self, device: torch.device) -> torch.dtype:
         if self.ns_dtype is not None:
@@ -107,17 +153,18 @@ class MuonNSGD(torch.optim.Optimizer):
                     p.mul_(1 - lr * wd)
                     p.add_(d / (d.norm() + group["eps"]), alpha=-lr)
                 continue
-            by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+            convention = group.get("muon_scale", "jordan")  # checkpoints from before the option: jordan
+            by_shape: dict[tuple, list[tuple[torch.Tensor, MatrixLayout, torch.Tensor]]] = defaultdict(list)
             for p in params:
-                m = as_matrices(self._momentum_direction(p, group))
-                by_shape[(tuple(m.shape), m.device, m.dtype)].append((p, m))
-            for (shape, device, _), items in by_shape.items():
-                stacked = torch.stack([m for _, m in items])
+                layout = self.layouts.get(p) or layout_from_shape(p)
+                m = layout.matrices(self._momentum_direction(p, group))
+                by_shape[(tuple(m.shape), m.device, m.dtype)].append((p, layout, m))
+            for (_, device, _), items in by_shape.items():
+                stacked = torch.stack([m for _, _, m in items])
                 ortho = newton_schulz(stacked, group["ns_steps"], group["eps"], self._ns_dtype(device))
-                scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
-                for (p, _), u in zip(items, ortho.unbind(0)):
+                for (p, layout, _), u in zip(items, ortho.unbind(0)):
                     p.mul_(1 - lr * wd)
-                    p.add_(u.view_as(p), alpha=-lr * scale)
+                    p.add_(layout.stored(u, p), alpha=-lr * muon_scale_factor(layout, convention))
         return loss
 
 
@@ -148,12 +195,14 @@ def param_groups(model: nn.Module, family: str, **group_options) -> list[dict]:
 
 def build_optimizer(model: nn.Module, name: str = "muon_nsgd", lr: float = 0.01, weight_decay: float = 0.1,
                     momentum: float = 0.95, betas: tuple[float, float] = (0.9, 0.95), ns_steps: int = 5,
-                    ns_dtype: torch.dtype | None = None, fused: bool | None = None) -> torch.optim.Optimizer:
+                    ns_dtype: torch.dtype | None = None, fused: bool | None = None, muon_scale: str = "jordan",
+                    nesterov: bool = True, nsgd_nesterov: bool = False) -> torch.optim.Optimizer:
     """``muon_nsgd`` (paper default: lr 0.01, wd 0.1) or ``adamw`` (paper's comparison: lr 1e-3).
     AdamW decays only >= 2-D tensors (nanoGPT); Muon-NSGD decays all, as the paper writes it."""
     if name == "muon_nsgd":
         return MuonNSGD(param_groups(model, name), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        ns_steps=ns_steps, ns_dtype=ns_dtype)
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, muon_scale=muon_scale, nesterov=nesterov,
+                        nsgd_nesterov=nsgd_nesterov, layouts=matrix_layouts(model))
     if name == "adamw":
         groups = param_groups(model, name)
         for g in groups:
@@ -188,6 +237,8 @@ def sync_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module,
     now = {p for ps in lists.values() for p in ps}
     for gone in [p for p in optimizer.state if p not in now]:
         del optimizer.state[gone]
+    if isinstance(optimizer, MuonNSGD):  # new matrices: their layouts (old keys of gone tensors dropped)
+        optimizer.layouts = matrix_layouts(model)
     for new, src in (copied_from or {}).items():
         if new in now and src in optimizer.state:
             optimizer.state[new] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[src].items()}

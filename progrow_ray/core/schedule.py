@@ -20,12 +20,12 @@ DECAY_SHAPES = ("linear", "1-sqrt", "cosine")
 class WSD:
     """Warmup-stable-decay: linear warmup, constant, then decay to ``final_frac`` of the peak.
 
-    Paper defaults: 2% warmup; 10% (long runs) to 20% decay; decay to 0.
+    Paper defaults: 2% warmup; 10% (long runs, its Figure 1 recipe) to 20% decay; decay to 0.
     """
 
     total_tokens: int
     warmup_frac: float = 0.02
-    decay_frac: float = 0.2
+    decay_frac: float = 0.1
     decay_shape: str = "linear"
     final_frac: float = 0.0
 
@@ -44,7 +44,7 @@ class WSD:
 
     @property
     def stable_end_tokens(self) -> float:
-        """Where the decay starts: warmup + stable. τ must not be later (paper §5.2)."""
+        """Where the decay starts: warmup + stable. τ must come before it, by the mixing time (paper §5.2)."""
         return (1 - self.decay_frac) * self.total_tokens
 
     def __call__(self, tokens: float) -> float:
@@ -96,7 +96,7 @@ def decay_curve(shape: str, progress: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_schedule(name: str, total_tokens: int, warmup_frac: float = 0.02, decay_frac: float = 0.2,
+def make_schedule(name: str, total_tokens: int, warmup_frac: float = 0.02, decay_frac: float = 0.1,
                   decay_shape: str = "linear", final_frac: float = 0.0):
     require(name in ("wsd", "cosine"), f"schedule.name must be 'wsd' or 'cosine', got {name!r}")
     if name == "wsd":

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from ..core.errors import ConfigError, require
-from ..core.flops import train_flops_per_unit, with_depth
+from ..core.flops import run_flops_by_segments, train_flops_per_unit, with_depth
 from ..core.growth import check_expansion
 from ..core.models import MODELS, make_config
 from ..core.schedule import make_schedule
@@ -33,14 +33,17 @@ class GrowthSection:
     enabled: bool = True  # False: a fixed-size run of the target model
     source_depth: Any = 0  # int (language models) or 4 ints (ResNet)
     method: str = "random"
-    tau_frac: float | None = 0.8  # expansion point as a fraction of train.total_tokens ...
+    tau_frac: float | None = 0.8  # expansion point as a fraction of train.total_tokens (paper Fig. 1: 0.8 with
+    # 10% decay, leaving 0.1 T of the stable phase to mix in) ...
     tau_tokens: int | None = None  # ... or in tokens (wins when set)
     batch_tokens_after: int | None = None  # global batch after τ (default: train.batch_tokens)
     copy_optimizer_state: bool = False
     # Multi-stage (paper §6): earlier expansions before τ, e.g. [{depth: 6, tau_frac: 0.3}] for 0 -> 6 -> 12.
     # Each entry: depth (int) and tau_frac or tau_tokens; depths and taus strictly increase, all before τ.
     stages: list = field(default_factory=list)
-    allow_tau_in_decay: bool = False  # research only: expand after the decay started (paper Fig. 5 cosine sweep)
+    # research only: expand at or after the decay's start, with no stable phase left to mix in (paper Fig. 5
+    # sweeps τ up to 0.8 T under both schedules); otherwise τ must come before schedule.decay_frac's start
+    allow_tau_in_decay: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,16 @@ class OptimizerSection:
     momentum: float = 0.95
     betas: tuple[float, float] = (0.9, 0.95)
     ns_steps: int = 5
+    muon_scale: str = "jordan"  # Muon update factor: jordan sqrt(max(1, fan_out/fan_in)) | none | spectral
+    nesterov: bool = True  # Muon's momentum: Nesterov (Jordan et al.)
+    nsgd_nesterov: bool = False  # NSGD's momentum: plain m_t, as the paper's App. B writes it
 
 
 @dataclass(frozen=True)
 class ScheduleSection:
     name: str = "wsd"
     warmup_frac: float = 0.02
-    decay_frac: float = 0.2
+    decay_frac: float = 0.1  # the paper's long-run recipe (Fig. 1): 2% warmup, 10% decay
     decay_shape: str = "linear"
     final_frac: float = 0.0
 
@@ -111,10 +117,26 @@ class RunConfig:
         target = self.target_model_config()
         return with_depth(target, self.growth.source_depth) if self.growth.enabled else target
 
-    def flops_per_unit(self) -> tuple[float, float]:
-        """Training FLOPs per token (per image for ResNet) of the source and the target model."""
-        return (train_flops_per_unit(self.source_model_config(), seq_len=self.data.seq_len),
-                train_flops_per_unit(self.target_model_config(), seq_len=self.data.seq_len))
+    def flops_per_unit(self, convention: str = "full") -> tuple[float, float]:
+        """Training FLOPs per token (per image for ResNet) of the source and the target model, under
+        ``convention`` ("full", or the paper's eq. 1.1 "paper": see ``core/flops.py``)."""
+        return (train_flops_per_unit(self.source_model_config(), seq_len=self.data.seq_len, convention=convention),
+                train_flops_per_unit(self.target_model_config(), seq_len=self.data.seq_len, convention=convention))
+
+    def run_flops(self, convention: str = "full", tau_tokens: int | None = None) -> float:
+        """FLOPs of this run as configured (τ = ``tau_tokens`` when given): the source model up to the
+        first expansion, each stage's depth up to the next, the target to the end."""
+        target = self.target_model_config()
+        segments, depth, start = [], self.growth.source_depth if self.growth.enabled else None, 0
+        points = self.expansion_points()
+        if points and tau_tokens is not None:
+            points[-1] = (tau_tokens, points[-1][1])
+        for tokens, next_depth in points:
+            segments.append((depth, tokens - start))
+            depth, start = next_depth, tokens
+        segments.append((depth, self.train.total_tokens - start))
+        return run_flops_by_segments(lambda d: target if d is None else with_depth(target, d), segments,
+                                     seq_len=self.data.seq_len, convention=convention)
 
     def expansion_points(self) -> list[tuple[int, Any]]:
         """[(tokens, depth)] of every expansion in order, the last one at τ to the target depth."""
@@ -158,9 +180,10 @@ class RunConfig:
                 "train.checkpoint_every_tokens must be > 0 or null")
         check_batch(t.batch_tokens, world_size, t.micro_batch, d.seq_len, "train.batch_tokens")
         o = self.optimizer
-        from ..core.optim import FAMILIES
+        from ..core.optim import FAMILIES, MUON_SCALES
 
         require(o.name in FAMILIES, f"optimizer.name must be one of {list(FAMILIES)}, got {o.name!r}")
+        require(o.muon_scale in MUON_SCALES, f"optimizer.muon_scale must be one of {list(MUON_SCALES)}, got {o.muon_scale!r}")
         require(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
         require(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
         require(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
@@ -176,9 +199,14 @@ class RunConfig:
             require(g.tau_tokens is not None or (g.tau_frac is not None and 0 <= g.tau_frac <= 1),
                     f"growth.tau_frac must be in [0, 1] (or set growth.tau_tokens), got {g.tau_frac}")
             tau = self.tau_tokens
-            require(0 <= tau <= (t.total_tokens if g.allow_tau_in_decay else schedule.stable_end_tokens),
-                    f"growth tau ({tau:,} tokens) is beyond the decay start ({schedule.stable_end_tokens:,.0f}): "
-                    "expand during warmup or the stable phase (paper §5.2), lower growth.tau_frac")
+            if g.allow_tau_in_decay:
+                require(0 <= tau <= t.total_tokens, f"growth tau ({tau:,} tokens) is beyond train.total_tokens")
+            else:
+                require(0 <= tau < schedule.stable_end_tokens,
+                        f"growth tau ({tau:,} tokens) is not before the decay start ({schedule.stable_end_tokens:,.0f} "
+                        f"tokens, schedule.decay_frac={self.schedule.decay_frac}): the expanded model needs stable-phase "
+                        "tokens to mix (paper §5.2); lower growth.tau_frac, or set growth.allow_tau_in_decay: true "
+                        "for a research sweep")
             if g.batch_tokens_after is not None:
                 require(g.batch_tokens_after >= t.batch_tokens,
                         f"growth.batch_tokens_after ({g.batch_tokens_after}) must be >= train.batch_tokens ({t.batch_tokens})")

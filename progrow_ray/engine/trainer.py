@@ -119,7 +119,8 @@ class Trainer:
     def _build_optimizer(self):
         o = self.cfg.optimizer
         return build_optimizer(self.model, o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                               betas=tuple(o.betas), ns_steps=o.ns_steps)
+                               betas=tuple(o.betas), ns_steps=o.ns_steps, muon_scale=o.muon_scale,
+                               nesterov=o.nesterov, nsgd_nesterov=o.nsgd_nesterov)
 
     def _prepare_step_model(self) -> None:
         """The module the step calls: DDP / Ray-wrapped, then compiled. Redone after expansion."""

@@ -26,7 +26,7 @@ class TuneSection:
     rel_tol: float = 0.01  # mixed when (prog - fixed) / fixed <= rel_tol ...
     window_frac: float = 0.1  # ... for this share of the probe horizon after the expansion
     smoothing: float = 0.6  # EMA weight of the past on the loss curves
-    safety: float = 0.0  # tau = stable end - t_mix * (1 + safety)
+    safety: float = 0.0  # tau = stable end - t_mix * (1 + safety); 0.5 reproduces the paper's tau = 480k (README)
     # A third probe, the source model never expanded: mixing counts only where the fixed model beats it by
     # this much (relative), so the trivial early agreement of every depth is not taken for mixing. 0: no probe.
     min_depth_advantage: float = 0.02

@@ -107,11 +107,26 @@ def write_outputs(exp, scale: str, analysis: dict, meta: dict, results: list[dic
     return files
 
 
+def fill_paper_flops(exp, saved: dict) -> None:
+    """Trials recorded before the paper's FLOPs count was: count it from their regenerated specs."""
+    from .trial import paper_flops
+
+    missing = [t for t in saved["trials"] if "flops_paper" not in t]
+    if not missing:
+        return
+    words = saved["meta"].get("command", "").split()
+    tokens = int(words[words.index("--tokens") + 1]) if "--tokens" in words else None
+    specs = {s["id"]: s for s in exp.trials(resized(SCALES[saved["scale"]], tokens))}
+    for t in missing:
+        t["flops_paper"] = paper_flops(specs[t["id"]], t)
+
+
 def reanalyse(name: str, args, log=print) -> dict:
     """Table, plots and verdict again from a finished experiment's results.json (no training)."""
     exp, out = EXPERIMENTS[name], Path(args.out) / name
     saved = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
     require(saved is not None, f"--reanalyse: {out / 'results.json'} does not exist; run the experiment first")
+    fill_paper_flops(exp, saved)
     analysis = exp.analyse(saved["trials"])
     write_outputs(exp, saved["scale"], analysis, saved["meta"], saved["trials"], out)
     log(f"{name}: {analysis['verdict']}")
@@ -151,6 +166,9 @@ def run_experiment(name: str, args, log=print) -> dict:
     return {"name": name, "verdict": analysis["verdict"], "holds": analysis["holds"], "dir": str(out), "mlflow": mlflow}
 
 
+NOTES_HEADING = "## Notes"
+
+
 def write_index(out: Path) -> Path:
     """``<out>/README.md``: one row per finished experiment under ``out`` (its verdict, scale, machine, date)."""
     rows = []
@@ -165,6 +183,9 @@ def write_index(out: Path) -> Path:
     text = (f"# Reproduction results ({out.name})\n\nEach row links the experiment's table and plots; the verdict is "
             "computed from the measured numbers.\n\n| experiment | paper | holds | verdict | trials | wall | machine |\n"
             "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    old = (out / "README.md").read_text() if (out / "README.md").exists() else ""
+    if NOTES_HEADING in old:  # hand-written notes on these results survive a new index
+        text += "\n" + old[old.index(NOTES_HEADING):]
     (out / "README.md").write_text(text)
     return out / "README.md"
 

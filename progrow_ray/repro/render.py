@@ -36,7 +36,8 @@ def report_markdown(exp, scale: str, analysis: dict, meta: dict) -> str:
     return (f"# {exp.name} ({exp.figure})\n\n"
             f"Claim: {exp.claim}.\n\n"
             f"**Verdict — {analysis['verdict']}**\n\n"
-            f"Scale `{scale}`; {meta['trials']} trials; {meta['wall_s']:.0f} s wall on {meta['machine']}; {meta['date']}.\n"
+            + "".join(f"Note: {n}\n\n" for n in analysis.get("notes", []))
+            + f"Scale `{scale}`; {meta['trials']} trials; {meta['wall_s']:.0f} s wall on {meta['machine']}; {meta['date']}.\n"
             f"Command: `{meta['command']}`\n\n"
             + markdown_table(analysis["rows"])
             + "".join(f"\n![{p['title']}]({name})\n" for name, p in zip(meta["plot_files"], analysis["plots"])))

@@ -26,7 +26,17 @@ def run_trial(spec: dict, threads: int = 1, device: str | None = None) -> dict:
         out = _spectral(spec)
     else:
         raise ValueError(f"unknown trial kind {kind!r}")
+    out["flops_paper"] = paper_flops(spec, out)
     return {"id": spec["id"], "meta": spec.get("meta", {}), "wall_s": time.time() - started, **out}
+
+
+def paper_flops(spec: dict, result: dict) -> float:
+    """The trial's FLOPs as the paper's eq. 1.1 counts them (6 x non-embedding parameters per token),
+    from its config and where it expanded; a ResNet's count is the same either way."""
+    if spec["kind"] != "lm":
+        return result["flops"]
+    cfg = from_dict(RunConfig, spec["run"])
+    return cfg.run_flops("paper", tau_tokens=result["expansions"][-1] if result["expansions"] else None)
 
 
 def _curve(history: list[dict]) -> dict:

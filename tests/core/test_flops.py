@@ -63,3 +63,43 @@ def test_run_cost_and_savings_planner():
         run_flops(1.0, 3.0, 10, 11)
     with pytest.raises(ConfigError):
         plan_savings(large, 0, 100, [1.5])
+
+
+def test_both_conventions_and_the_papers_5x():
+    """The paper's eq. 1.1 counts 6 x non-embedding parameters: from zero layers at tau = 0.8 T that is
+    0.2 of the fixed run (its "5x") at 124M; counting the head and attention, 0.417 (2.40x)."""
+    large = GPTConfig(block_size=1024)
+    full = plan_savings(large, 0, 10_000_000_000, [0.8], seq_len=1024)[0]
+    paper = plan_savings(large, 0, 10_000_000_000, [0.8], seq_len=1024, convention="paper")[0]
+    assert paper.flops_fraction == pytest.approx(0.200, abs=1e-9) and paper.speedup == pytest.approx(5.0)
+    assert full.flops_fraction == pytest.approx(0.417, abs=5e-4) and full.speedup == pytest.approx(2.40, abs=5e-3)
+    assert train_flops_per_unit(large, convention="paper") == 6 * 12 * 12 * 768 ** 2
+    at_end = plan_savings(large, 0, 10_000_000_000, [1.0], seq_len=1024, convention="paper")[0]
+    assert at_end.progressive_flops == 0 and at_end.speedup == float("inf")  # no division by zero
+    with pytest.raises(ConfigError, match="convention"):
+        train_flops_per_unit(large, convention="kaplan")
+
+
+def test_seven_b_preset_gives_4_6_to_5x_under_the_papers_count():
+    from pathlib import Path
+
+    from progrow_ray.engine.config import load_run_config
+    from progrow_ray.orchestration.config import PipelineConfig
+
+    cfg = load_run_config(Path(__file__).parents[2] / "jobs" / "gpt2-7b-60l.yaml", [], cls=PipelineConfig)
+    target, total = cfg.target_model_config(), cfg.train.total_tokens
+    speedups = [plan_savings(target, src, total, [0.8], seq_len=1024, convention="paper")[0].speedup for src in (0, 1)]
+    assert speedups[0] == pytest.approx(5.0) and 4.6 <= speedups[1] < 5.0
+    assert 4.6 <= plan_savings(target, 0, total, [0.8], seq_len=1024)[0].speedup < 5.0  # full count: 4.61x
+
+
+def test_run_flops_of_a_config_follow_its_expansions():
+    from progrow_ray.engine.config import RunConfig, from_dict
+
+    cfg = from_dict(RunConfig, {"model": {"kind": "gpt", "n_layer": 4, "n_embd": 64, "head_dim": 16},
+                                "growth": {"source_depth": 0, "tau_frac": 0.5, "stages": [{"depth": 2, "tau_frac": 0.25}]},
+                                "train": {"total_tokens": 1000}, "data": {"seq_len": 32}})
+    target = cfg.target_model_config()
+    per = {d: train_flops_per_unit(with_depth(target, d), seq_len=32, convention="paper") for d in (0, 2, 4)}
+    assert cfg.run_flops("paper") == pytest.approx(per[0] * 250 + per[2] * 250 + per[4] * 500)
+    assert cfg.run_flops("paper", tau_tokens=600) == pytest.approx(per[0] * 250 + per[2] * 350 + per[4] * 400)

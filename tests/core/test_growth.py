@@ -31,6 +31,40 @@ def test_function_preserving_methods_keep_logits(kind, method, sources):
     assert torch.allclose(before, after, atol=1e-6, rtol=0), (before - after).abs().max()
 
 
+@pytest.mark.parametrize("kind", ["gpt", "moe"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("method", ["zero", "copying_zero"])
+def test_function_preserving_with_and_without_linear_biases(kind, bias, method):
+    """copying_zero zeroes the copies' norms and biases: with model.bias=true the copies' biases alone
+    used to change the logits by 0.2-1."""
+    model = tiny(kind, 1, bias=bias)
+    with torch.no_grad():  # non-zero biases everywhere, as a trained model has
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    x, _ = batch(kind)
+    before = logits_of(model, kind, x)
+    expand_depth(model, 3, method)
+    after = logits_of(model, kind, x)
+    assert torch.allclose(before, after, atol=1e-5, rtol=0), (before - after).abs().max()
+    if method == "copying_zero" and bias:  # the weight matrices are still copies
+        assert torch.equal(model.blocks[1].attn.c_attn.weight, model.blocks[0].attn.c_attn.weight)
+
+
+def test_zero_expansion_keeps_an_moes_reported_loss():
+    """The reported loss is the LM cross-entropy: a zero expansion of a 0-layer MoE, which preserves the
+    function, keeps it exactly (router losses of the new layers used to add ~0.0145)."""
+    model = tiny("moe", 0)
+    x, y = batch("moe")
+    model.eval()
+    with torch.no_grad():
+        before = model(x, y)[1].item()
+        expand_depth(model, 2, "zero")
+        after = model(x, y)[1].item()
+    assert after == pytest.approx(before, abs=1e-6)
+    assert model.auxiliary_loss().item() > 0  # the router losses exist, as their own term
+
+
 @pytest.mark.parametrize("kind", sorted(SOURCES))
 @pytest.mark.parametrize("method,sources", [("random", SOURCES), ("random", ONE_LAYER), ("copying", ONE_LAYER)])
 def test_mup_methods_change_the_function(kind, method, sources):

@@ -150,3 +150,14 @@ def test_no_depth_advantage_means_no_tau():
     plan = plan_tau(r, total_tokens=100_000, warmup_tokens=2_000, stable_end_tokens=80_000,
                     small_flops_per_token=1.0, large_flops_per_token=4.0)
     assert not plan.expand and "no measurable advantage" in plan.verdict
+
+
+def test_safety_reproduces_the_papers_worked_example():
+    """Paper §5.2: 600k iterations, 2% warmup, 10% decay (528k at constant lr, the stable phase ends at
+    540k), t_mix ~ 40k, tau = 480k: a 60k margin, t_mix x 1.5 -> tune.safety = 0.5 (README)."""
+    kw = dict(total_tokens=600_000, warmup_tokens=12_000, stable_end_tokens=540_000,
+              small_flops_per_token=1.0, large_flops_per_token=10.0)
+    mix = MixResult(True, 40_000, 500_000, 0.0, 0.0)
+    assert plan_tau(mix, safety=0.5, **kw).tau_tokens == 480_000
+    assert plan_tau(mix, **kw).tau_tokens == 500_000
+    assert plan_tau(MixResult(True, 0, 540_000, 0.0, 0.0), **kw).tau_tokens < 540_000  # never at the decay's start

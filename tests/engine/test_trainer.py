@@ -124,7 +124,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_
 def test_bad_run_settings(prepared, tmp_path):
     with pytest.raises(ConfigError, match="multiple of workers x train.micro_batch x data.seq_len"):
         make_cfg(prepared, str(tmp_path), train={"batch_tokens": 500})
-    with pytest.raises(ConfigError, match="beyond the decay start"):
+    with pytest.raises(ConfigError, match="not before the decay start"):
         make_cfg(prepared, str(tmp_path), growth={"tau_frac": 0.9})
     with pytest.raises(ConfigError, match="cannot copy from a 0-layer"):
         make_cfg(prepared, str(tmp_path), growth={"method": "copying"})
@@ -139,3 +139,31 @@ def test_bad_run_settings(prepared, tmp_path):
     with pytest.raises(ConfigError, match="optimizer.name must be one of"):
         make_cfg(prepared, str(tmp_path), optimizer={"name": "sgd"})
     assert make_cfg(prepared, str(tmp_path), train={"total_tokens": "8.192e3"}).train.total_tokens == 8192
+
+
+def test_moe_trains_on_router_losses_but_reports_the_lm_loss():
+    """train_step backpropagates CE + aux + z-loss and returns CE alone; the validation loss is CE."""
+    import contextlib
+    import copy
+
+    from progrow_ray.core import build_model
+    from progrow_ray.engine.step import train_step
+
+    torch.manual_seed(0)
+    model = build_model("moe", n_layer=1, vocab_size=96, block_size=16, n_embd=32, head_dim=16, n_experts=4)
+    twin = copy.deepcopy(model)
+    x = torch.randint(0, 96, (4, 16))
+    y = torch.randint(0, 96, (4, 16))
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    reported = train_step(model, sgd, x, y, accum=2, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    ce, objective = [], []
+    for i in range(2):  # the same two micro-batches by hand
+        _, loss = twin(x[2 * i:2 * i + 2], y[2 * i:2 * i + 2])
+        total = loss + twin.auxiliary_loss()
+        (total / 2).backward()
+        ce.append(loss.item())
+        objective.append(total.item())
+    assert reported.item() == pytest.approx(sum(ce) / 2, rel=1e-6) and sum(objective) > sum(ce)
+    torch.optim.SGD(twin.parameters(), lr=1.0).step()
+    router, twin_router = model.blocks[0].mlp.router.weight, twin.blocks[0].mlp.router.weight
+    torch.testing.assert_close(router, twin_router)  # the router got the aux / z-loss gradients too

@@ -42,6 +42,25 @@ def test_bad_pipeline_settings(override, match):
         load(override)
 
 
+def test_default_tau_and_decay_agree_and_tau_in_the_decay_is_refused():
+    """Defaults follow the paper's Figure 1 recipe (2% warmup, 10% decay, tau = 0.8 T: 0.1 T left to mix);
+    a tau at or past the decay's start is refused unless growth.allow_tau_in_decay says it is research."""
+    from progrow_ray.engine.config import RunConfig, from_dict
+
+    base = {"model": {"kind": "gpt", "n_layer": 2, "n_embd": 64, "head_dim": 16}, "data": {"seq_len": 32},
+            "train": {"total_tokens": 100_000, "batch_tokens": 256, "micro_batch": 8}}
+    cfg = from_dict(RunConfig, base).validate()
+    assert (cfg.schedule.warmup_frac, cfg.schedule.decay_frac, cfg.growth.tau_frac) == (0.02, 0.1, 0.8)
+    assert cfg.tau_tokens < cfg.schedule_fn().stable_end_tokens
+    at_decay = {**base, "growth": {"tau_frac": 0.9}}
+    with pytest.raises(ConfigError, match="not before the decay start.*allow_tau_in_decay"):
+        from_dict(RunConfig, at_decay).validate()
+    research = {**base, "growth": {"tau_frac": 0.9, "allow_tau_in_decay": True}}
+    assert from_dict(RunConfig, research).validate().tau_tokens == 90_000
+    with pytest.raises(ConfigError, match="muon_scale"):
+        from_dict(RunConfig, {**base, "optimizer": {"muon_scale": "kaiming"}}).validate()
+
+
 def test_search_cap_respects_the_budget_and_tau_aligns_to_both_batches():
     cfg = load("tune.search_fraction=0.1", "train.total_tokens=1228800", "schedule.warmup_frac=0.01")
     cap = search_cap_tokens(cfg)

@@ -77,6 +77,9 @@ def check_report(report: dict, total: int = 12288) -> None:
         assert {"depth", "workers", "global_batch_tokens", "tokens", "flops", "final_train_loss", "checkpoint_uri"} <= set(p)
     assert report["progressive"]["final_val_loss"] > 0 and report["baseline"]["final_val_loss"] > 0
     assert report["savings"]["flops_fraction"] > 0
+    # the paper's eq. 1.1 count: a zero-layer source has no non-embedding weights, so only T - tau costs
+    tau = report["tau_search"]["tau_tokens"] if report["tau_search"]["expand"] else 0
+    assert report["savings"]["flops_fraction_paper"] == pytest.approx((total - tau) / total)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from progrow_ray.repro.scales import SCALES
 
 
 def result(tid, val_loss, flops=1.0, curve=None, expansions=(), **meta):
-    return {"id": tid, "val_loss": val_loss, "flops": flops, "curve": curve or [], "evals": [],
+    return {"id": tid, "val_loss": val_loss, "flops": flops, "flops_paper": flops, "curve": curve or [], "evals": [],
             "expansions": list(expansions), "meta": meta}
 
 
@@ -102,3 +102,62 @@ def test_mixing_tokens_none_without_expansion():
 def test_markdown_table_formats_gaps_as_percent():
     md = markdown_table([{"trial": "a", "gap vs fixed": 0.0123, "FLOPs vs fixed": 0.5, "final val loss": 4.2}])
     assert "| a | +1.23% | 50.0% | 4.2000 |" in md
+
+
+def test_sweep_doubles_the_cosine_lr_as_the_paper_and_says_so():
+    from progrow_ray.repro.experiments import sweep_trials
+
+    scale = SCALES["cpu-tiny"]
+    specs = {s["id"]: s for s in sweep_trials(scale)}
+    wsd_lr = scale.lm["optimizer"]["lr"]
+    assert all(s["run"]["optimizer"]["lr"] == wsd_lr for k, s in specs.items() if k.startswith("wsd"))
+    assert all(s["run"]["optimizer"]["lr"] == 2 * wsd_lr for k, s in specs.items() if k.startswith("cosine"))
+    runs = sweep_curves(shift_per_tau=1.0)
+    for r in runs:
+        r["meta"]["lr"] = 2 * wsd_lr if r["id"].startswith("cosine") else wsd_lr
+    a = sweep_analyse(runs)
+    assert any("twice WSD's" in n for n in a["notes"]) and {r["lr"] for r in a["rows"]} == {wsd_lr, 2 * wsd_lr}
+    old = sweep_analyse(sweep_curves(shift_per_tau=1.0))  # results recorded before: said, not hidden
+    assert any("WSD's learning rate" in n for n in old["notes"])
+
+
+def test_reanalysis_counts_the_papers_flops_for_old_results():
+    """Results recorded before the paper's count existed get it from their regenerated specs."""
+    from progrow_ray.core.flops import train_flops_per_unit, with_depth
+    from progrow_ray.repro.__main__ import fill_paper_flops
+
+    exp = EXPERIMENTS["batch-after-expansion"]
+    tokens = 4096
+    trials = [{**result("fixed", 4.0, flops=9.0, batch_after=None), "tokens": tokens},
+              result("batch-1x", 4.1, flops=6.0, expansions=[2048], batch_after=512)]
+    for t in trials:
+        del t["flops_paper"]
+    saved = {"scale": "cpu-tiny", "meta": {"command": f"python -m progrow_ray.repro batch-after-expansion --scale cpu-tiny --tokens {tokens}"},
+             "trials": trials}
+    fill_paper_flops(exp, saved)
+    cfg = {k: v for k, v in SCALES["cpu-tiny"].lm["model"].items() if k != "kind"}
+    from progrow_ray.core.models import GPTConfig
+
+    large = GPTConfig(**cfg, block_size=SCALES["cpu-tiny"].lm["data"]["seq_len"])
+    per = train_flops_per_unit(large, convention="paper")
+    assert trials[0]["flops_paper"] == pytest.approx(per * tokens)
+    assert trials[1]["flops_paper"] == pytest.approx(per * 2048)  # zero-layer source: no non-embedding weights
+    assert train_flops_per_unit(with_depth(large, 0), convention="paper") == 0
+    four = {**result("batch-4x", 4.1, flops=6.0, expansions=[2048], batch_after=2048), "flops_paper": per * 2048}
+    row = exp.analyse(trials + [four])["rows"]
+    assert {r["trial"]: r["FLOPs vs fixed (paper eq. 1.1)"] for r in row}["batch-1x"] == pytest.approx(0.5)
+
+
+def test_index_keeps_the_hand_written_notes(tmp_path):
+    import json
+
+    from progrow_ray.repro.__main__ import write_index
+
+    d = tmp_path / "resnet"
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps({"holds": True, "verdict": "holds: x",
+                                                "meta": {"trials": 2, "wall_s": 3.0, "machine": "m", "date": "d"}}))
+    (tmp_path / "README.md").write_text("# old table\n\n## Notes\n\nre-analysed, not re-trained\n")
+    text = write_index(tmp_path).read_text()
+    assert "| [resnet](resnet/resnet.md) |" in text and "old table" not in text
+    assert text.endswith("## Notes\n\nre-analysed, not re-trained\n")

@@ -48,11 +48,14 @@ def test_experiment_writes_table_plot_and_verdict_from_its_numbers(finished):
     # same tokens; after tau the 4x batch takes one step where 1x takes four (logged every 2 steps and at the end)
     assert one["tokens"] == four["tokens"] == 4096
     assert [c[0] for c in one["curve"]] == [1024, 2048, 3072, 4096] and [c[0] for c in four["curve"]] == [1024, 2048, 4096]
+    # the paper's eq. 1.1 count: the zero-layer source has no non-embedding weights, so tau = T/2 costs half
+    assert one["flops_paper"] == pytest.approx(trials["fixed"]["flops_paper"] / 2)
+    assert one["flops"] > one["flops_paper"]  # the full count also charges the head and attention
     diff = (four["val_loss"] - one["val_loss"]) / one["val_loss"]
     assert res["holds"] == (abs(diff) <= 0.01)
     assert f"{diff:+.2%}" in res["verdict"]
     md = (d / "batch-after-expansion.md").read_text()
-    assert res["verdict"] in md and "![" in md and "| batch-4x |" in md
+    assert res["verdict"] in md and "![" in md and "| batch-4x |" in md and "FLOPs vs fixed (paper eq. 1.1)" in md
     png = (d / "batch-after-expansion-1.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "summary:" in stdout and res["verdict"] in stdout

@@ -35,6 +35,11 @@ class ExpandableModel(nn.Module):
     def set_group_depths(self, depths: Mapping[str, int]) -> None:
         raise NotImplementedError
 
+    def auxiliary_loss(self) -> torch.Tensor | float:
+        """Regularisers of the last forward that training adds to ``forward``'s loss (an MoE's router
+        losses); never part of the reported train / validation loss."""
+        return 0.0
+
     def block_kind(self, group: str, position: int) -> str:
         """Blocks of one group are interchangeable unless a model says otherwise (MoE interleaving)."""
         return "block"

@@ -144,13 +144,11 @@ class GPT(ExpandableModel):
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Returns ``(logits, loss)``; loss is None without targets, when only the last position's
-        logits are computed (generation)."""
+        """Returns ``(logits, loss)``: the language-model cross-entropy, the loss every model reports
+        (an MoE's router losses are ``auxiliary_loss()``, added for training only); loss is None
+        without targets, when only the last position's logits are computed (generation)."""
         x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
-        return logits, cross_entropy(logits, targets) + self.auxiliary_loss()
-
-    def auxiliary_loss(self) -> torch.Tensor | float:
-        return 0.0
+        return logits, cross_entropy(logits, targets)

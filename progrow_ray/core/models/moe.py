@@ -127,6 +127,7 @@ class MoEGPT(GPT):
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoEMLP)]
 
     def auxiliary_loss(self) -> torch.Tensor | float:
+        """aux_loss_weight x mean load-balancing loss + z_loss_weight x mean router z-loss."""
         layers = self.moe_layers()
         if not layers:
             return 0.0
