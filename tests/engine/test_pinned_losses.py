@@ -1,0 +1,72 @@
+"""The smoke preset's per-step losses on CPU, pinned bit for bit to the values the engine gave before the
+refactor of issue 13 (``pinned_losses.json``, floats in hex). A change above the core that alters what
+trains -- data order, initialisation, the optimizer step, the schedule position, the expansion -- fails
+here, however small.
+
+Regenerate only for an intended change of the numerics:
+``.venv/bin/python -m tests.engine.test_pinned_losses > tests/engine/pinned_losses.json``."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from progrow_ray.data.prepare import PrepareSettings, prepare
+from progrow_ray.engine import Trainer
+from progrow_ray.engine.config import load_run_config
+
+PINNED = Path(__file__).with_name("pinned_losses.json")
+SMOKE = Path(__file__).resolve().parents[2] / "jobs" / "smoke.yaml"
+# (name, overrides, until_tokens): the preset as shipped, and with τ moved to the second step so that the
+# expansion and the 4x batch after it are inside a few steps
+CASES = [
+    ("smoke", [], 12_288),
+    ("smoke-tau-4096", ["growth.tau_tokens=4096"], 20_480),
+]
+
+
+def smoke_data(root: Path) -> str:
+    """The smoke preset's corpus (the standard library's source, first 8 MB), prepared once per session."""
+    uri = str(root / "stdlib-gpt2")
+    cfg = load_run_config(SMOKE, ignore_sections=("tune", "ray", "baseline", "mlflow"))
+    prepare("stdlib", uri, PrepareSettings(cfg.data.val_fraction, max_source_bytes=cfg.data.max_source_bytes),
+            progress=False, log=lambda _: None)
+    return uri
+
+
+def run_case(data_uri: str, out: str, overrides: list[str], until: int) -> dict:
+    torch.set_num_threads(1)  # one reduction order, whatever the machine's core count
+    cfg = load_run_config(SMOKE, [f"data.uri={data_uri}", f"out={out}", "train.log_every=1", *overrides],
+                          ignore_sections=("tune", "ray", "baseline", "mlflow"))
+    trainer = Trainer(cfg, save_checkpoint=lambda *_: None, log=lambda _: None)
+    trainer.run(until_tokens=until)
+    train = [e for e in trainer.history if e["event"] == "train"]
+    return {"steps": [e["step"] for e in train], "tokens": [e["tokens"] for e in train],
+            "depth": [e["depth"] for e in train], "train_loss": [float(e["train_loss"]).hex() for e in train],
+            "val_loss": float(trainer.evaluate()).hex()}
+
+
+@pytest.fixture(scope="module")
+def smoke_uri(tmp_path_factory) -> str:
+    return smoke_data(tmp_path_factory.mktemp("smoke-data"))
+
+
+@pytest.mark.parametrize("name,overrides,until", CASES, ids=[c[0] for c in CASES])
+def test_smoke_losses_are_bit_exact(smoke_uri, tmp_path, name, overrides, until):
+    expected = json.loads(PINNED.read_text())[name]
+    got = run_case(smoke_uri, str(tmp_path), overrides, until)
+    assert got["steps"] == expected["steps"] and got["depth"] == expected["depth"]
+    assert got["train_loss"] == expected["train_loss"], (
+        [float.fromhex(x) for x in got["train_loss"]], [float.fromhex(x) for x in expected["train_loss"]])
+    assert got["val_loss"] == expected["val_loss"]
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = smoke_data(Path(tmp))
+        json.dump({name: run_case(uri, tmp, over, until) for name, over, until in CASES}, sys.stdout, indent=1)
+        print()
