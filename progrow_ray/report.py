@@ -6,9 +6,13 @@ the tests check: every line runs forward in x), ``render_png`` draws it."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 from .console import fmt_count
 
@@ -140,3 +144,147 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"**Why no saving here:** {report['horizon_note']}"]
     lines += ["", "![loss vs tokens](loss_vs_tokens.png)", "", "![loss vs FLOPs](loss_vs_flops.png)", ""]
     return "\n".join(lines)
+
+
+# ---- the report's record ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Totals:
+    final_val_loss: float | None
+    flops: float
+
+
+@dataclass(frozen=True)
+class Savings:
+    flops_fraction: float  # progressive / baseline, every matmul counted
+    flops_fraction_paper: float  # the same as the paper's eq. 1.1 counts (non-embedding weights)
+    loss_gap_rel: float  # (progressive - baseline) / baseline final val loss
+
+
+@dataclass(frozen=True)
+class Overheads:
+    phase_switch_s: float | None
+    phase_switch_breakdown: dict | None
+    search_flops_fraction: float
+
+
+@dataclass(frozen=True)
+class MlflowRefs:
+    tracking_uri: str
+    experiment_id: str | None
+    parent_run_id: str | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a pipeline run measured; ``report.json`` is its ``to_json()``."""
+
+    config: dict
+    tau_search: dict  # SearchResult.report_section()
+    lr_search: dict | None
+    horizon_note: str | None  # why this setting cannot save, when the search found no τ
+    phases: list  # PhaseResult.report_row() of the main run's phases
+    progressive: Totals
+    baseline: Totals | None
+    savings: Savings | None
+    overheads: Overheads
+    mlflow: MlflowRefs
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_report(cfg, search, phases: list, baseline, lr_search, mlflow: MlflowRefs) -> Report:
+    """The report of a finished pipeline run (``search``: SearchResult, ``phases`` / ``baseline``:
+    PhaseResult) -- the numbers only; ``report_files`` renders them."""
+    last = phases[-1]
+    prog_flops = sum(p.flops for p in phases)
+    progressive = Totals(last.final_val_loss, prog_flops)
+    base = Totals(baseline.final_val_loss, baseline.flops) if baseline else None
+    savings = None
+    if base:
+        # the paper's eq. 1.1 count (non-embedding parameters only) of the same two runs, from the config
+        fixed_cfg = dataclasses.replace(cfg, growth=dataclasses.replace(cfg.growth, enabled=False))
+        main_cfg = cfg if len(phases) > 1 else fixed_cfg
+        paper = main_cfg.run_flops("paper", tau_tokens=search.tau_tokens) / fixed_cfg.run_flops("paper")
+        savings = Savings(prog_flops / base.flops, paper,
+                          (progressive.final_val_loss - base.final_val_loss) / base.final_val_loss)
+    grown = len(phases) > 1
+    from .engine.config import to_dict
+
+    return Report(
+        config=to_dict(cfg), tau_search=search.report_section(),
+        lr_search=lr_search.to_json() if lr_search else None, horizon_note=no_saving_reason(cfg, search),
+        phases=[p.report_row() for p in phases], progressive=progressive, baseline=base, savings=savings,
+        overheads=Overheads(last.phase_switch_s if grown else None, last.phase_switch_breakdown if grown else None,
+                            search.search_flops / prog_flops),
+        mlflow=mlflow)
+
+
+def report_files(report: Report, cfg, phases: list, baseline) -> dict[str, bytes]:
+    """report.json, report.md, config.yaml and the two loss plots."""
+    data = report.to_json()
+    files = {
+        "report.json": json.dumps(data, indent=2, default=str).encode(),
+        "report.md": markdown(data).encode(),
+        "config.yaml": yaml.safe_dump(data["config"], sort_keys=False).encode(),
+    }
+    runs = plot_runs(phases, baseline)
+    for x in ("tokens", "flops"):
+        files[f"loss_vs_{x}.png"] = render_png(plot_lines(runs, x), f"{cfg.name}: loss vs {x if x == 'tokens' else 'FLOPs'}")
+    return files
+
+
+def plot_runs(phases: list, baseline) -> dict[str, list[dict]]:
+    """What the plots draw: the main run's phases (progressive, or fixed-size) and the baseline."""
+    main = "progressive" if len(phases) > 1 else "fixed-size (main run)"
+    runs = {main: [p.to_json() for p in phases]}
+    if baseline:
+        runs["baseline"] = [baseline.to_json()]
+    return runs
+
+
+# Paper §5: GPT-2 1 -> 12 layers under WSD mixes in about 16B tokens; t_mix is counted in tokens and
+# hardly depends on the model's size (App. C.1), so it is the yardstick for a horizon that can save.
+PAPER_T_MIX_TOKENS = 16e9
+
+
+def no_saving_reason(cfg, search) -> str | None:
+    """When the search found no τ: one plain line on why this setting cannot show a saving, from the
+    numbers (depth's share of the FLOPs, what the probes measured), and what would."""
+    if search.search_says_expand or not search.trials:
+        return None
+    small, large = cfg.flops_per_unit()
+    depth_share = 1 - small / large
+    mix = search.mix or {}
+    measured = (f"within the probes' {search.cap_tokens:,} tokens the target model beat the source model by only "
+                f"{mix['depth_advantage_rel']:.1%}" if mix.get("depth_advantage_rel") is not None and search.cap_tokens
+                else "the probes measured no mixing")
+    vocab = getattr(cfg.target_model_config(), "vocab_size", None)
+    rest = f"embeddings and the {vocab:,}-token head" if vocab else "the stem and the head"
+    return (f"the layers are {depth_share:.0%} of this model's training FLOPs (the rest is {rest}), "
+            f"so growing depth can save at most that share "
+            f"of the compute before τ, and {measured}; a saving needs depth to dominate the FLOPs (a wider, deeper "
+            f"model) and a horizon well past the mixing time (the paper measures ≈{PAPER_T_MIX_TOKENS / 1e9:.0f}B "
+            f"tokens for GPT-2 1 -> 12 layers), not {cfg.train.total_tokens:,} tokens")
+
+
+def summary_table(report: dict, report_uri: str) -> str:
+    """The console's closing summary, from ``report.json``'s contents."""
+    rows = [("verdict", report["tau_search"]["verdict"])]
+    if report.get("horizon_note"):
+        rows.append(("why", report["horizon_note"]))
+    for p in report["phases"]:
+        rows.append((p["name"], f"depth {p['depth']}, {p['workers']} worker(s), batch {p['global_batch_tokens']:,} tokens, "
+                                f"{p['tokens']:,} tokens, train loss {p['final_train_loss']:.4f}"))
+    rows.append(("progressive", f"val loss {report['progressive']['final_val_loss']:.4f}, FLOPs {report['progressive']['flops']:.3e}"))
+    if report["baseline"]:
+        b, s = report["baseline"], report["savings"]
+        rows.append(("baseline", f"val loss {b['final_val_loss']:.4f}, FLOPs {b['flops']:.3e}"))
+        rows.append(("savings", f"FLOPs fraction {s['flops_fraction']:.1%} ({s['flops_fraction_paper']:.1%} as the paper "
+                                f"counts: non-embedding weights), val loss gap {s['loss_gap_rel']:+.2%}"))
+    o = report["overheads"]
+    rows.append(("overheads", f"search {o['search_flops_fraction']:.1%} of FLOPs, phase switch "
+                              + (f"{o['phase_switch_s']:.1f} s" if o["phase_switch_s"] is not None else "-")))
+    rows.append(("report", report_uri))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -10,23 +10,17 @@ import argparse
 import json
 import sys
 
-import fsspec
-
 from .cli import run_cli
-from .data.prepare import PrepareSettings, prepare
+from .data.prepare import prepare_run_data
 from .engine.config import PIPELINE_SECTIONS, RunConfig, load_run_config
 from .engine.faults import faults_from_env, maybe_inject_fault
-from .engine.trainer import NonFiniteLossError, Trainer, default_manager, run_dir
-
-
-def prepare_data(cfg: RunConfig, log=print) -> None:
-    d = cfg.data
-    prepare(d.source, d.uri, PrepareSettings(d.val_fraction, max_source_bytes=d.max_source_bytes), log=log)
+from .engine.trainer import NonFiniteLossError, RunResult, Trainer, default_manager, run_dir
+from .integrations.storage import filesystem
 
 
 def metrics_writer(cfg: RunConfig):
     """Append every metrics event to ``<out>/<name>/metrics.jsonl`` (what plots and reports read)."""
-    fs, path = fsspec.core.url_to_fs(run_dir(cfg))
+    fs, path = filesystem(run_dir(cfg))
     fs.makedirs(path, exist_ok=True)
     fh = fs.open(f"{path}/metrics.jsonl", "a")
 
@@ -37,18 +31,18 @@ def metrics_writer(cfg: RunConfig):
     return write, fh
 
 
-def summary_lines(result: dict, cfg: RunConfig) -> list[str]:
+def summary_lines(result: RunResult, cfg: RunConfig) -> list[str]:
     rows = [
         ("run", cfg.name),
-        ("depth", f"{result['depth']}" + (f" (expanded at {result['expanded_at_tokens']:,} tokens)"
-                                           if result.get("expanded_at_tokens") is not None else "")),
-        ("tokens", f"{result['tokens']:,}"),
-        ("steps", f"{result['step']:,}"),
-        ("train FLOPs", f"{result['flops']:.3e}"),
-        ("final train loss", f"{result['train_loss']:.4f}" if result.get("train_loss") is not None else "-"),
-        ("final val loss", f"{result['val_loss']:.4f}" if result.get("val_loss") is not None else "-"),
-        ("wall time", f"{result['wall_s']:.1f} s"),
-        ("checkpoint", str(result.get("checkpoint"))),
+        ("depth", f"{result.depth}" + (f" (expanded at {result.expanded_at_tokens:,} tokens)"
+                                        if result.expanded_at_tokens is not None else "")),
+        ("tokens", f"{result.tokens:,}"),
+        ("steps", f"{result.step:,}"),
+        ("train FLOPs", f"{result.flops:.3e}"),
+        ("final train loss", f"{result.train_loss:.4f}" if result.train_loss is not None else "-"),
+        ("final val loss", f"{result.val_loss:.4f}" if result.val_loss is not None else "-"),
+        ("wall time", f"{result.wall_s:.1f} s"),
+        ("checkpoint", str(result.checkpoint)),
     ]
     width = max(len(k) for k, _ in rows)
     return [f"  {k:<{width}}  {v}" for k, v in rows]
@@ -64,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
     cfg = load_run_config(args.config, overrides, ignore_sections=PIPELINE_SECTIONS)
-    prepare_data(cfg)
+    prepare_run_data(cfg.data)
     resume = None
     if not args.fresh:
         found = default_manager(cfg).load_latest()

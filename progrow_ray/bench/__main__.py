@@ -136,17 +136,17 @@ def throughput(args) -> dict:
 def savings(args) -> dict:
     from ..engine.config import PIPELINE_SECTIONS, load_run_config
     from ..engine.trainer import Trainer
-    from ..train import prepare_data
+    from ..data.prepare import prepare_run_data
 
     taus = [float(t) for t in args.taus.split(",")]
     base = load_run_config(args.config, args.set + [f"out={args.out}"], ignore_sections=PIPELINE_SECTIONS)
-    prepare_data(base, log=lambda _: None)
+    prepare_run_data(base.data, log=lambda _: None)
 
     def one(name: str, **growth) -> dict:
         cfg = replace(base, name=name, growth=replace(base.growth, **growth))
         cfg.validate()
         result = Trainer(cfg, log=lambda _: None).run(progress_bar=not args.json)
-        return {"val_loss": result["val_loss"], "flops": result["flops"], "wall_s": result["wall_s"]}
+        return {"val_loss": result.val_loss, "flops": result.flops, "wall_s": result.wall_s}
 
     fixed = one("savings-fixed", enabled=False)
     rows = []

@@ -20,11 +20,11 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-import fsspec
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError, require
+from ..integrations.storage import filesystem
 from .sources import SourceFile, list_files, read_documents
 from .tokenizer import EOT, VOCAB_SIZE, gpt2_encoding
 
@@ -65,7 +65,7 @@ def _join(root: str, name: str) -> str:
 
 
 def read_meta(dst: str) -> dict | None:
-    fs, path = fsspec.core.url_to_fs(dst)
+    fs, path = filesystem(dst)
     meta_path = _join(path, META)
     if not fs.exists(meta_path):
         return None
@@ -119,7 +119,7 @@ def prepare(source: str, dst: str, settings: PrepareSettings = PrepareSettings()
         log(f"{dst}: up to date ({existing['splits']['train']['tokens']:,} train tokens), nothing to do")
         return existing
 
-    fs, root = fsspec.core.url_to_fs(dst)
+    fs, root = filesystem(dst)
     try:
         fs.makedirs(root, exist_ok=True)
         if existing is not None:  # stale: unpublish before rewriting shards
@@ -166,3 +166,10 @@ def prepare(source: str, dst: str, settings: PrepareSettings = PrepareSettings()
     log(f"{dst}: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens "
         f"from {len(files)} files")
     return meta
+
+
+def prepare_run_data(data, log: Callable[[str], None] = print) -> dict:
+    """The shards a run's ``data`` section (``engine.config.DataSection``) names, tokenised from its
+    ``source`` when they are missing or stale; a no-op when they are up to date."""
+    settings = PrepareSettings(data.val_fraction, max_source_bytes=data.max_source_bytes)
+    return prepare(data.source, data.uri, settings, log=log)

@@ -14,12 +14,11 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import torch
 
 from ..core.errors import ConfigError, require
+from ..integrations.storage import filesystem, is_local
 from .prepare import FORMAT, _join, read_meta
 
 
@@ -41,8 +40,8 @@ def default_cache_dir() -> str:
 
 def local_shard_dir(uri: str, meta: dict, cache_dir: str | None) -> str:
     """``uri`` itself when local; else a local copy of its shards (downloaded once, sha-checked)."""
-    fs, root = fsspec.core.url_to_fs(uri)
-    if isinstance(fs, LocalFileSystem):
+    fs, root = filesystem(uri)
+    if is_local(fs):
         return root
     local = Path(cache_dir or default_cache_dir()) / hashlib.sha256(f"{uri}\0{meta['fingerprint']}".encode()).hexdigest()[:16]
     local.mkdir(parents=True, exist_ok=True)

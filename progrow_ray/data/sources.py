@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import fsspec
-
 from ..core.errors import ConfigError
+from ..integrations.storage import filesystem, is_remote, open_file
 
 TEXT_EXTENSIONS = (".txt", ".md")
 EXTENSIONS = TEXT_EXTENSIONS + (".jsonl", ".parquet")
@@ -30,10 +29,6 @@ class SourceFile:
     version: str  # mtime or ETag: part of the fingerprint that makes re-runs no-ops
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
@@ -46,8 +41,8 @@ def list_files(source: str) -> list[SourceFile]:
                  if not {"site-packages", "dist-packages", "__pycache__"} & set(p.relative_to(root).parts)]
         files = [SourceFile(str(p), str(p.relative_to(root)), p.stat().st_size, str(p.stat().st_mtime_ns))
                  for p in paths]
-    elif _is_remote(source):
-        fs, path = fsspec.core.url_to_fs(source)
+    elif is_remote(source):
+        fs, path = filesystem(source)
         try:
             if fs.isdir(path):
                 found, root = fs.find(path, detail=True), path.rstrip("/")
@@ -77,7 +72,7 @@ def list_files(source: str) -> list[SourceFile]:
 
 def read_documents(f: SourceFile) -> Iterator[str]:
     """The documents of one file: a whole text file, one jsonl line, or one parquet row."""
-    with fsspec.open(f.url, "rb") as fh:
+    with open_file(f.url, "rb") as fh:
         raw = fh.read()
     if f.url.endswith(".jsonl"):
         for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines()):

@@ -13,15 +13,13 @@ import json
 import os
 import re
 import shutil
-import time
 import uuid
 from typing import Any, Callable
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from ..core.errors import ConfigError
+from ..integrations import storage
 
 MANIFEST = "manifest.json"
 FORMAT = "progrow_ray.checkpoint.v1"
@@ -46,47 +44,20 @@ def _decode(name: str, data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-RETRY_DELAYS_S = (0.5, 1, 2, 4, 8, 16)  # ~30 s of backoff: rides out an object store restart or a network blip
-
-
-# Transport errors by class name, so the engine need not import botocore / aiohttp to recognise them.
-TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                   "ClientConnectorError", "ServerDisconnectedError"}
-
-
-def is_transient(e: BaseException) -> bool:
-    if isinstance(e, (FileNotFoundError, PermissionError)):
-        return False
-    return isinstance(e, (ConnectionError, TimeoutError, OSError)) or any(
-        c.__name__ in TRANSIENT_NAMES for c in type(e).__mro__)
-
-
-def with_retries(op: Callable[[], Any], what: str, delays=RETRY_DELAYS_S, log: Callable[[str], None] = print):
-    """Run ``op``; on a transport error retry with exponential backoff, then give up with the last error."""
-    for delay in (*delays, None):
-        try:
-            return op()
-        except Exception as e:  # noqa: BLE001 - only transport errors are retried, see is_transient
-            if delay is None or not is_transient(e):
-                raise
-            log(f"warning: {what} failed ({type(e).__name__}); retrying in {delay:g} s")
-            time.sleep(delay)
-
-
 def write_checkpoint(uri: str, files: dict[str, Any]) -> str:
     """Write ``{"model.pt": state_dict, "state.json": {...}, ...}`` to directory ``uri``. Remote
     writes are retried with backoff; the manifest, written last, marks the directory complete."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = storage.filesystem(uri)
     blobs = {name: _encode(name, obj) for name, obj in files.items()}
     manifest = {"format": FORMAT, "files": {n: hashlib.sha256(b).hexdigest() for n, b in blobs.items()}}
-    local = isinstance(fs, LocalFileSystem)
+    local = storage.is_local(fs)
     target = path
     if local:
         path = os.path.join(os.path.dirname(path.rstrip("/")), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     if local:
         fs.makedirs(path, exist_ok=True)
     else:
-        with_retries(lambda: fs.makedirs(path, exist_ok=True), f"checkpoint write {uri}")
+        storage.with_retries(lambda: fs.makedirs(path, exist_ok=True), f"checkpoint write {uri}")
 
     def put(name: str, data: bytes) -> None:
         with fs.open(f"{path}/{name}", "wb") as fh:
@@ -96,7 +67,7 @@ def write_checkpoint(uri: str, files: dict[str, Any]) -> str:
         if local:
             put(name, data)
         else:
-            with_retries(lambda: put(name, data), f"checkpoint write {uri}/{name}")
+            storage.with_retries(lambda: put(name, data), f"checkpoint write {uri}/{name}")
     if local:
         if os.path.exists(target):
             shutil.rmtree(target)
@@ -106,7 +77,7 @@ def write_checkpoint(uri: str, files: dict[str, Any]) -> str:
 
 def read_checkpoint(uri: str, names: list[str] | None = None) -> dict[str, Any]:
     """Verify the manifest and load the files (all, or ``names``)."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = storage.filesystem(uri)
     try:
         with fs.open(f"{path}/{MANIFEST}", "rb") as fh:
             manifest = json.loads(fh.read())
@@ -136,7 +107,7 @@ class CheckpointManager:
 
     def __init__(self, root: str, keep: int = 2, log: Callable[[str], None] = print):
         self.root, self.keep, self.log = root.rstrip("/"), keep, log
-        self.fs, self.path = fsspec.core.url_to_fs(self.root)
+        self.fs, self.path = storage.filesystem(self.root)
 
     def _steps(self) -> list[int]:
         try:

@@ -52,3 +52,16 @@ def maybe_inject_fault(faults, phase: str, rank: int, tokens: int, role: str | N
             hold()
             raise RuntimeError(f"fault hold at {phase}/{tokens} tokens was never released")
         os._exit(1)
+
+
+def corrupt_newest_checkpoint(fit_uri: str) -> str | None:
+    """A ``corrupt_latest`` fault: tear the newest committed checkpoint of a Ray fit (directories
+    ``checkpoint_<time>``), so that the restart must fall back to the previous one. Returns the
+    damaged directory."""
+    from ..integrations.storage import list_dirs, write_bytes
+
+    newest = list_dirs(fit_uri, "checkpoint_")[-1:]
+    if not newest:
+        return None
+    write_bytes(f"{newest[0]}/model.pt", b"torn write")
+    return newest[0]

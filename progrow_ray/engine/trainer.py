@@ -49,6 +49,28 @@ class Progress:
     val_loss_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class RunResult:
+    """What one ``Trainer.run`` did: where it stopped, at which depth, with which losses."""
+
+    step: int
+    tokens: int
+    flops: float
+    depth: Any  # int, or a ResNet's blocks per stage
+    expanded: bool
+    expanded_at_tokens: int | None
+    growth: list  # one GrowthRecord dict (with tokens and step) per expansion
+    train_loss: float | None
+    val_loss: float | None
+    val_loss_tokens: int | None
+    checkpoint: str | None  # where the last checkpoint went (None when the save hook keeps no path)
+    wall_s: float
+    finished: bool  # reached train.total_tokens (not only a phase boundary)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def model_state(model) -> dict:
     return {"kind": model_kind(model.config), **{k: (list(v) if isinstance(v, tuple) else v)
                                                  for k, v in dataclasses.asdict(model.config).items()}}
@@ -276,7 +298,7 @@ class Trainer:
             self.on_metrics(event)
 
     # ---- loop -----------------------------------------------------------------------------------
-    def run(self, until_tokens: int | None = None, progress_bar: bool = False) -> dict:
+    def run(self, until_tokens: int | None = None, progress_bar: bool = False) -> RunResult:
         """Train until ``until_tokens`` (a phase boundary) or the end; checkpoint when stopping."""
         cfg, p = self.cfg, self.progress
         stop = cfg.train.total_tokens if until_tokens is None else min(until_tokens, cfg.train.total_tokens)
@@ -307,8 +329,8 @@ class Trainer:
         if p.tokens >= cfg.train.total_tokens and p.val_loss_tokens != p.tokens:
             self.evaluate()
         checkpoint = self.save("end" if p.tokens >= cfg.train.total_tokens else "phase")
-        return {**dataclasses.asdict(p), "depth": self.depth, "checkpoint": checkpoint,
-                "wall_s": time.perf_counter() - started, "finished": p.tokens >= cfg.train.total_tokens}
+        return RunResult(**dataclasses.asdict(p), depth=self.depth, checkpoint=checkpoint,
+                         wall_s=time.perf_counter() - started, finished=p.tokens >= cfg.train.total_tokens)
 
 
 def crossed(before: int, after: int, every: int) -> bool:

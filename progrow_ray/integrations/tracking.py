@@ -68,6 +68,16 @@ def view_tag(name: str, x_metric: str, charts: str, now_ms: int) -> str:
     return json.dumps({"name": name, "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)})
 
 
+def default_tracking_uri(explicit: str | None, out: str) -> str:
+    """``explicit`` (``--mlflow-uri``, ``mlflow.tracking_uri``), else MLFLOW_TRACKING_URI (Kubernetes),
+    else a sqlite file in ``out`` (in the working directory when ``out`` is on S3)."""
+    chosen = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if chosen:
+        return chosen
+    base = out if not out.startswith("s3://") else os.getcwd()
+    return f"sqlite:///{os.path.abspath(base)}/mlflow.db"
+
+
 def comparison_url(ui_base: str, experiment_id: str, view: str = "loss-vs-flops") -> str:
     """The experiment's runs page in chart mode, with the model-training sidebar and a saved view."""
     return (f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
@@ -107,8 +117,6 @@ class Tracker:
             "Progressive depth training runs (progrow_ray). Each pipeline is a parent run; the children that carry "
             f"a whole curve are tagged `{ARM_TAG}` (progressive, baseline, fixed-size, search-<probe>). Open the saved view "
             f"'{VIEWS['loss-vs-flops'][0]}' (Views menu, chart mode) to compare the arms on compute."))
-
-
 
     @staticmethod
     def _probe(uri: str, timeout_s: float = 5.0) -> None:
@@ -197,6 +205,19 @@ class Tracker:
     def log_artifact(self, run_id: str | None, path: str) -> None:
         if run_id:
             self._call("log_artifact", run_id, path)
+
+    def log_files(self, run_id: str | None, files: dict[str, bytes]) -> None:
+        """Artifacts from memory: ``{file name: contents}``."""
+        if not run_id:
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                path = os.path.join(tmp, name)
+                with open(path, "wb") as fh:
+                    fh.write(data)
+                self.log_artifact(run_id, path)
 
     def log_image(self, run_id: str | None, png: bytes, key: str) -> None:
         """A figure the run page shows under "Model metrics" (log_artifact only lists the file)."""

@@ -3,6 +3,7 @@ Ray, run the baseline and track in MLflow."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..core.errors import require
@@ -102,6 +103,11 @@ class PipelineConfig(RunConfig):
         require(not ls.enabled or (0 < ls.lr_min < ls.lr_max and ls.num_samples >= 1),
                 "tune.lr_search needs 0 < lr_min < lr_max and num_samples >= 1")
         return self
+
+    def run_config(self) -> RunConfig:
+        """The main run's engine config: the ``RunConfig`` sections of this one, without the pipeline's.
+        Phases and probes derive theirs from it with ``dataclasses.replace``."""
+        return RunConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)})
 
     def fixed_size_workers(self) -> int:
         """Workers for a fixed-size run at ``train.batch_tokens`` (baseline, or the no-saving verdict):

@@ -13,35 +13,48 @@ Muon / muP the optimum transfers to the deep model (paper §3.2), so the main ru
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from ..core.flops import train_flops_per_unit
 from ..core.mixing import MixResult, TauPlan, plan_tau, t_mix
-from ..engine.config import RunConfig, deep_merge, from_dict
+from ..engine.config import RunConfig
 from ..engine.faults import faults_from_env, maybe_inject_fault
-from .phases import run_config_dict
+from ..integrations.storage import RayStorage
+from .records import LrSearchResult, ProbeTrial, SearchResult
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One trial of the τ search: a role and the engine config it trains for ``cap`` tokens."""
+
+    role: str
+    run: RunConfig
+    cap: int
+    threads: int = 1
+    fault: Any = None  # the fault matrix's fault points (engine/faults.py); None outside tests
 
 
 def probe_trainable(config: dict) -> None:
-    """One Tune trial: the engine for ``config["cap"]`` tokens, reporting every metric event."""
+    """One Tune trial: the engine for ``probe.cap`` tokens, reporting every metric event."""
     import torch
     from ray import tune
 
     from ..engine.trainer import Trainer
 
-    config = config["trial"]
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    cfg = from_dict(RunConfig, config["run"])
+    probe: Probe = config["trial"]
+    torch.set_num_threads(max(1, probe.threads))
 
     def report(event: dict) -> None:
-        maybe_inject_fault(config.get("fault"), "tau-search", 0, event["tokens"], role=config["role"])
+        maybe_inject_fault(probe.fault, "tau-search", 0, event["tokens"], role=probe.role)
         if event["event"] in ("train", "eval"):
             tune.report({k: event.get(k) for k in ("tokens", "step", "flops", "train_loss", "val_loss")
                          if event.get(k) is not None} | {"kind": event["event"]})
 
-    Trainer(cfg, save_checkpoint=lambda *_: None, on_metrics=report, log=lambda _: None).run(until_tokens=config["cap"])
+    Trainer(probe.run, save_checkpoint=lambda *_: None, on_metrics=report, log=lambda _: None).run(
+        until_tokens=probe.cap)
 
 
 class Curves:
@@ -96,7 +109,7 @@ def make_stopper(curves: Curves, settings: MixSettings, on_result=None):
             return {**self.__dict__, "on_result": None}
 
         def __call__(self, trial_id, result):
-            role = result["config"]["trial"]["role"]
+            role = result["config"]["trial"].role
             self.curves.add(role, result)
             if self.on_result is not None:
                 self.on_result(role, result)
@@ -140,8 +153,26 @@ def search_cap_tokens(cfg) -> int:
     return max(floor, (cap // b) * b)
 
 
-def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log=print, on_start=None,
-               on_result=None) -> dict:
+def probe_runs(cfg, expand_at: int) -> dict[str, RunConfig]:
+    """The engine config of each probe: the main run's, at ``tune.probe_model``'s width, logging every step
+    (the curves t_mix is read from) and evaluating only at the very end."""
+    base = cfg.run_config()
+    base = replace(base, model={**base.model, **cfg.tune.probe_model},
+                   train=replace(base.train, checkpoint_every_tokens=None, log_every=1,
+                                 eval_every_tokens=cfg.train.total_tokens))
+    fixed = replace(base, growth=replace(base.growth, enabled=False))
+    # the main run's source depth and method; the same batch as the fixed probe
+    grown = replace(base.growth, enabled=True, tau_tokens=expand_at, batch_tokens_after=None)
+    runs = {"fixed": fixed, "progressive": replace(base, growth=grown)}
+    if cfg.tune.one_layer_probe and cfg.growth.source_depth != 1:
+        runs["progressive-1"] = replace(base, growth=replace(grown, source_depth=1, method="random"))
+    if cfg.tune.min_depth_advantage > 0:  # the source model, never expanded
+        runs["source"] = with_model_depth(fixed, cfg.growth.source_depth)
+    return runs
+
+
+def search_tau(cfg, *, storage: RayStorage, run_name: str, log=print, on_start=None,
+               on_result=None) -> SearchResult:
     """Run the probes, return mixing, τ plan, FLOPs and per-trial curves. ``on_start(roles, cap)`` and
     ``on_result(role, result)`` let the driver show live progress."""
     from ray import tune
@@ -150,21 +181,9 @@ def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log
     warmup = cfg.schedule_fn().warmup_tokens
     b = cfg.train.batch_tokens
     expand_at = int(math.ceil(warmup / b)) * b  # end of warmup, on a step boundary
-    base = run_config_dict(cfg)
-    roles = {"fixed": {"growth": {"enabled": False}},
-             # the main run's source depth and method; the same batch as the fixed probe
-             "progressive": {"growth": {"enabled": True, "tau_tokens": expand_at, "batch_tokens_after": None}}}
-    if cfg.tune.one_layer_probe and cfg.growth.source_depth != 1:
-        roles["progressive-1"] = {"growth": {"enabled": True, "source_depth": 1, "tau_tokens": expand_at,
-                                             "method": "random", "batch_tokens_after": None}}
-    if cfg.tune.min_depth_advantage > 0:  # the source model, never expanded
-        roles["source"] = {"growth": {"enabled": False}, "model": source_depth_override(cfg.growth.source_depth)}
-    # Probes log every step (the curves t_mix is read from) and evaluate only at the very end.
-    probe = {"model": dict(cfg.tune.probe_model),
-             "train": {"checkpoint_every_tokens": None, "log_every": 1, "eval_every_tokens": cfg.train.total_tokens}}
-    trials = [{"role": role, "run": deep_merge(deep_merge(base, probe), over),
-               "cap": cap, "threads": max(1, int(cfg.tune.cpus_per_trial)), "fault": faults_from_env()}
-              for role, over in roles.items()]
+    roles = probe_runs(cfg, expand_at)
+    trials = [Probe(role, run, cap, max(1, int(cfg.tune.cpus_per_trial)), faults_from_env())
+              for role, run in roles.items()]
     settings = MixSettings(expand_at, cfg.tune.rel_tol, cfg.tune.window_frac * (cap - expand_at), cfg.tune.smoothing,
                            cfg.tune.min_depth_advantage)
     curves = Curves()
@@ -173,7 +192,7 @@ def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log
         trainable,
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(max_concurrent_trials=len(trials)),
-        run_config=tune.RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+        run_config=tune.RunConfig(name=run_name, storage_path=storage.path, storage_filesystem=storage.filesystem,
                                   stop=make_stopper(curves, settings, on_result), verbose=0),
     )
     log(f"{len(trials)} probes ({', '.join(roles)}) x <= {cap:,} tokens, expansion at {expand_at:,} tokens")
@@ -184,35 +203,32 @@ def search_tau(cfg, *, storage_path: str, storage_filesystem, run_name: str, log
     grid = tuner.fit()
     summaries, search_flops = [], 0.0
     for res in grid:
-        role = res.config["trial"]["role"]
+        role = res.config["trial"].role
         df = res.metrics_dataframe
         rows = [] if df is None else df.to_dict("records")
         train_rows = [r for r in rows if r.get("kind") == "train"]
         curves.points[role] = [(r["tokens"], r["train_loss"], r["flops"]) for r in train_rows]
         flops = float(max((r["flops"] for r in rows), default=0.0))
         search_flops += flops
-        summaries.append({"role": role, "tokens": int(max((r["tokens"] for r in rows), default=0)), "flops": flops,
-                          "curve": [{"tokens": int(t), "train_loss": float(l), "flops": float(f)}
-                                    for t, l, f in curves.points[role]],
-                          "error": str(res.error) if res.error else None})
-    failed = [s for s in summaries if s["error"]]
+        summaries.append(ProbeTrial(role, int(max((r["tokens"] for r in rows), default=0)), flops,
+                                    [{"tokens": int(t), "train_loss": float(l), "flops": float(f)}
+                                     for t, l, f in curves.points[role]],
+                                    str(res.error) if res.error else None))
+    failed = [s for s in summaries if s.error]
     if failed:
-        raise RuntimeError(f"tau search trial {failed[0]['role']} failed: {failed[0]['error']}")
+        raise RuntimeError(f"tau search trial {failed[0].role} failed: {failed[0].error}")
     mix = settings.mix(curves) or MixResult(False, None, None, None, float("nan"))
-    extra = {}
-    if cfg.tune.one_layer_probe:
-        one = settings.mix(curves, "progressive-1")
-        extra["one_layer_t_mix_tokens"] = one.t_mix_tokens if one else None
+    one_layer = settings.mix(curves, "progressive-1") if cfg.tune.one_layer_probe else None
     sched = cfg.schedule_fn()
     small, large = cfg.flops_per_unit()
     plan: TauPlan = plan_tau(mix, total_tokens=cfg.train.total_tokens, warmup_tokens=sched.warmup_tokens,
                              stable_end_tokens=sched.stable_end_tokens, small_flops_per_token=small,
                              large_flops_per_token=large, search_flops=search_flops, safety=cfg.tune.safety,
                              align=lambda t: align_tau(t, b, cfg.phase2_batch_tokens, cfg.train.total_tokens))
-    tau = plan.tau_tokens
-    return {"t_mix_tokens": mix.t_mix_tokens, "tau_tokens": tau, "expand": plan.expand, "verdict": plan.verdict,
-            "search_flops": search_flops, "cap_tokens": cap, "expand_at_tokens": expand_at,
-            "mix": mix.to_dict(), "plan": plan.to_dict(), "trials": summaries, **extra}
+    return SearchResult(t_mix_tokens=mix.t_mix_tokens, tau_tokens=plan.tau_tokens, expand=plan.expand,
+                        verdict=plan.verdict, search_flops=search_flops, trials=tuple(summaries), cap_tokens=cap,
+                        expand_at_tokens=expand_at, mix=mix.to_dict(), plan=plan.to_dict(),
+                        one_layer_t_mix_tokens=one_layer.t_mix_tokens if one_layer else None)
 
 
 def align_tau(tau: int, batch1: int, batch2: int, total: int) -> int:
@@ -222,12 +238,13 @@ def align_tau(tau: int, batch1: int, batch2: int, total: int) -> int:
     return max(batch1, (tau // batch1) * batch1)
 
 
-def source_depth_override(source_depth) -> dict:
-    """Model overrides that make the target model the source model (GPT-like depth or ResNet blocks)."""
-    return {"blocks": list(source_depth)} if isinstance(source_depth, (list, tuple)) else {"n_layer": source_depth}
+def with_model_depth(run: RunConfig, depth) -> RunConfig:
+    """``run`` with its model at ``depth`` (GPT-like depth or ResNet blocks)."""
+    key = "blocks" if isinstance(depth, (list, tuple)) else "n_layer"
+    return replace(run, model={**run.model, key: list(depth) if key == "blocks" else depth})
 
 
-def search_lr(cfg, *, storage_path: str, storage_filesystem, run_name: str, log=print) -> dict:
+def search_lr(cfg, *, storage: RayStorage, run_name: str, log=print) -> LrSearchResult:
     """Optuna over the LR on the source model (fixed size, the cheap one); returns the best LR."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -235,8 +252,9 @@ def search_lr(cfg, *, storage_path: str, storage_filesystem, run_name: str, log=
     ls = cfg.tune.lr_search
     tokens = ls.tokens or search_cap_tokens(cfg)
     source_depth = cfg.growth.source_depth
-    base = run_config_dict(cfg, growth={"enabled": False}, model=source_depth_override(source_depth),
-                           train={"checkpoint_every_tokens": None})
+    base = cfg.run_config()
+    base = with_model_depth(replace(base, growth=replace(base.growth, enabled=False),
+                                    train=replace(base.train, checkpoint_every_tokens=None)), source_depth)
 
     def trainable(config: dict) -> None:
         import torch
@@ -244,16 +262,16 @@ def search_lr(cfg, *, storage_path: str, storage_filesystem, run_name: str, log=
         from ..engine.trainer import Trainer
 
         torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
-        run = from_dict(RunConfig, deep_merge(base, {"optimizer": {"lr": config["lr"]}}))
+        run = replace(base, optimizer=replace(base.optimizer, lr=config["lr"]))
         result = Trainer(run, save_checkpoint=lambda *_: None, log=lambda _: None).run(until_tokens=tokens)
-        tune.report({"train_loss": result["train_loss"], "flops": result["flops"]})
+        tune.report({"train_loss": result.train_loss, "flops": result.flops})
 
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}),
         param_space={"lr": tune.loguniform(ls.lr_min, ls.lr_max)},
         tune_config=tune.TuneConfig(metric="train_loss", mode="min", num_samples=ls.num_samples,
                                     search_alg=OptunaSearch(seed=cfg.train.seed), max_concurrent_trials=2),
-        run_config=tune.RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+        run_config=tune.RunConfig(name=run_name, storage_path=storage.path, storage_filesystem=storage.filesystem,
                                   verbose=0),
     )
     log(f"lr search: Optuna, {ls.num_samples} trials x {tokens:,} tokens on the {source_depth}-layer model")
@@ -261,4 +279,4 @@ def search_lr(cfg, *, storage_path: str, storage_filesystem, run_name: str, log=
     best = grid.get_best_result()
     trials = [{"lr": r.config["lr"], "train_loss": r.metrics.get("train_loss"), "flops": r.metrics.get("flops", 0.0)}
               for r in grid if r.metrics]
-    return {"best_lr": float(best.config["lr"]), "trials": trials, "flops": float(sum(t["flops"] for t in trials))}
+    return LrSearchResult(float(best.config["lr"]), trials, float(sum(t["flops"] for t in trials)))

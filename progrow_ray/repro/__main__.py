@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,12 +40,12 @@ def absolute_data(specs: list[dict], data_uri: str | None) -> list[dict]:
 
 
 def prepare(specs: list[dict], log) -> None:
+    from ..data.prepare import prepare_run_data
     from ..engine.config import RunConfig, from_dict
-    from ..train import prepare_data
 
     lm = [s for s in specs if s["kind"] == "lm"]
     if lm:
-        prepare_data(from_dict(RunConfig, lm[0]["run"]), log=log)
+        prepare_run_data(from_dict(RunConfig, lm[0]["run"]).data, log=log)
 
 
 def track(uri: str, name: str, scale: str, specs: list[dict], results: list[dict], analysis: dict, files: dict, log) -> dict:
@@ -59,20 +58,22 @@ def track(uri: str, name: str, scale: str, specs: list[dict], results: list[dict
     for spec, r in zip(specs, results):
         rid = tracker.start_run(r["id"], parent_id=parent, params=spec.get("run") or {k: v for k, v in spec.items() if k != "meta"},
                                 tags={"progrow.phase": "repro-trial", **{f"progrow.{k}": v for k, v in r["meta"].items()}})
-        events = [{"event": "train", "step": i, "tokens": t, "flops": f, "train_loss": l} for i, (t, l, f) in enumerate(r["curve"])]
-        events += [{"event": "eval", "step": len(r["curve"]), "tokens": t, "flops": f, "val_loss": l} for t, l, f in r["evals"]]
-        tracker.log_history(rid, events)
+        tracker.log_history(rid, trial_events(r))
         if r.get("val_loss") is not None:
             tracker.log_metrics(rid, {"final_val_loss": r["val_loss"], "flops_total": r["flops"]})
         tracker.end(rid)
-    with tempfile.TemporaryDirectory() as tmp:
-        for fname, data in files.items():
-            path = os.path.join(tmp, fname)
-            Path(path).write_bytes(data)
-            tracker.log_artifact(parent, path)
+    tracker.log_files(parent, files)
     tracker.log_metrics(parent, {"holds": 1.0 if analysis["holds"] else 0.0})
     tracker.end(parent)
     return {"tracking_uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent}
+
+
+def trial_events(r: dict) -> list[dict]:
+    """A trial's curves (``[tokens, loss, flops]`` rows) as engine metric events, for the tracker."""
+    events = [{"event": "train", "step": i, "tokens": t, "flops": f, "train_loss": loss}
+              for i, (t, loss, f) in enumerate(r["curve"])]
+    return events + [{"event": "eval", "step": len(r["curve"]), "tokens": t, "flops": f, "val_loss": loss}
+                     for t, loss, f in r["evals"]]
 
 
 def resized(scale, tokens: int | None):
@@ -158,8 +159,9 @@ def run_experiment(name: str, args, log=print) -> dict:
     files = write_outputs(exp, args.scale, analysis, meta, results, out)
     mlflow = None
     if not args.no_mlflow:
-        uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(args.out)}/mlflow.db"
-        mlflow = track(uri, name, args.scale, specs, results, analysis, files, log)
+        from ..integrations.tracking import default_tracking_uri
+
+        mlflow = track(default_tracking_uri(args.mlflow_uri, args.out), name, args.scale, specs, results, analysis, files, log)
     log(f"{name}: {analysis['verdict']}")
     log(f"{name}: {out / (name + '.md')} ({wall:.0f} s)"
         + (f"; MLflow {mlflow['tracking_uri']} run {mlflow['parent_run_id']}" if mlflow else ""))
@@ -220,26 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             reanalyse(n, args)
         return 0
-    started_ray = False
     if args.runner == "tune":
-        import ray
+        from ..orchestration.cluster import RaySession
 
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        target = args.address or os.environ.get("RAY_ADDRESS")
-        if not ray.is_initialized():
-            if target:
-                ray.init(address=target)
-            else:
-                ray.init(address="local", num_cpus=args.local_cpus or os.cpu_count(), include_dashboard=True,
-                         dashboard_host="127.0.0.1")
-                started_ray = True
-    try:
+        with RaySession(args.address, args.local_cpus or os.cpu_count() or 1):
+            summaries = [run_experiment(n, args) for n in names]
+    else:
         summaries = [run_experiment(n, args) for n in names]
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     print("\nsummary:")
     for s in summaries:
         print(f"  {s['name']:<22} {s['verdict']}")

@@ -56,8 +56,7 @@ def _lm(spec: dict, device: str | None) -> dict:
     cfg = from_dict(RunConfig, run)
     trainer = Trainer(cfg, save_checkpoint=lambda *_: None, log=lambda _: None)
     result = trainer.run()
-    return {"val_loss": result["val_loss"], "flops": result["flops"], "tokens": result["tokens"],
-            **_curve(trainer.history)}
+    return {"val_loss": result.val_loss, "flops": result.flops, "tokens": result.tokens, **_curve(trainer.history)}
 
 
 def _image(spec: dict, device: str | None) -> dict:

@@ -114,7 +114,9 @@ def test_s3_outage_during_a_save_is_retried_and_nothing_is_lost(monkeypatch):
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()  # down
         logs = []
-        monkeypatch.setattr(ckpt_mod, "RETRY_DELAYS_S", (1, 2, 4, 8, 16))
+        from progrow_ray.integrations import storage
+
+        monkeypatch.setattr(storage, "RETRY_DELAYS_S", (1, 2, 4, 8, 16))
 
         def come_back():
             time.sleep(12)
@@ -122,9 +124,9 @@ def test_s3_outage_during_a_save_is_retried_and_nothing_is_lost(monkeypatch):
 
         threading.Thread(target=come_back, daemon=True).start()
         t0 = time.time()
-        orig = ckpt_mod.with_retries
-        monkeypatch.setattr(ckpt_mod, "with_retries", lambda op, what, **kw: orig(
-            op, what, delays=ckpt_mod.RETRY_DELAYS_S, log=logs.append))
+        orig = storage.with_retries
+        monkeypatch.setattr(storage, "with_retries", lambda op, what, **kw: orig(
+            op, what, delays=storage.RETRY_DELAYS_S, log=logs.append))
         ckpt_mod.write_checkpoint("s3://outage/run/step_00000001", files(1))
         assert time.time() - t0 >= 12 and logs and all("retrying" in line for line in logs)
         assert ckpt_mod.read_checkpoint("s3://outage/run/step_00000001")["state.json"]["step"] == 1

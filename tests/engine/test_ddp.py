@@ -36,4 +36,4 @@ def test_two_gloo_ranks_match_one_process(prepared, tmp_path):
     assert [s[:2] for s in one] == [s[:2] for s in two]
     for (_, _, a), (_, _, b) in zip(one, two):
         assert a == pytest.approx(b, rel=2e-4)
-    assert ddp["result"]["val_loss"] == pytest.approx(single["val_loss"], rel=2e-4)
+    assert ddp["result"]["val_loss"] == pytest.approx(single.val_loss, rel=2e-4)

@@ -28,8 +28,8 @@ def test_progressive_run_expands_at_tau_and_changes_batch(prepared, tmp_path):
     # τ = 3072 tokens = 6 steps of 512; then 5 steps of 1024 reach 8192
     expand = [e for e in events if e["event"] == "expand"]
     assert len(expand) == 1 and expand[0]["tokens"] == 3072 and expand[0]["step"] == 6
-    assert result["expanded_at_tokens"] == 3072 and result["depth"] == 2 and result["step"] == 11
-    assert result["tokens"] == 8192 and math.isfinite(result["val_loss"])
+    assert result.expanded_at_tokens == 3072 and result.depth == 2 and result.step == 11
+    assert result.tokens == 8192 and math.isfinite(result.val_loss)
     trains = [e for e in events if e["event"] == "train"]
     assert [e["depth"] for e in trains] == [0] * 6 + [2] * 5
     assert [e["batch_tokens"] for e in trains] == [512] * 6 + [1024] * 5
@@ -43,8 +43,8 @@ def test_progressive_run_expands_at_tau_and_changes_batch(prepared, tmp_path):
 
     small = train_flops_per_unit(cfg.source_model_config(), seq_len=32)
     large = train_flops_per_unit(cfg.target_model_config(), seq_len=32)
-    assert result["flops"] == pytest.approx(small * 3072 + large * 5120)
-    state = read_checkpoint(result["checkpoint"], names=["state.json"])["state.json"]
+    assert result.flops == pytest.approx(small * 3072 + large * 5120)
+    state = read_checkpoint(result.checkpoint, names=["state.json"])["state.json"]
     assert state["progress"]["growth"][0]["target_depths"] == {"blocks": 2}
 
 
@@ -63,13 +63,13 @@ def test_multi_stage_growth_expands_twice_and_resumes_between_stages(prepared, t
 
     target = cfg.target_model_config()
     per = [train_flops_per_unit(with_depth(target, d), seq_len=32) for d in (0, 1, 3)]
-    assert full["flops"] == pytest.approx(per[0] * 2048 + per[1] * 2048 + per[2] * 4096)
+    assert full.flops == pytest.approx(per[0] * 2048 + per[1] * 2048 + per[2] * 4096)
     split = replace(cfg, out=str(tmp_path / "split"))
     _, first, first_events = run(split, until=3072)  # between the two expansions
     _, files = default_manager(split).load_latest()
     _, second, second_events = run(split, resume=files)
     assert losses_of(first_events) + losses_of(second_events) == losses_of(events)
-    assert second["val_loss"] == full["val_loss"]
+    assert second.val_loss == full.val_loss
     with pytest.raises(ConfigError, match="strictly increase"):
         make_cfg(prepared, str(tmp_path), model={"n_layer": 3},
                  growth={"tau_frac": 0.5, "stages": [{"depth": 1, "tau_frac": 0.6}]})
@@ -80,7 +80,7 @@ def test_multi_stage_growth_expands_twice_and_resumes_between_stages(prepared, t
 def test_fixed_size_run(prepared, tmp_path):
     cfg = make_cfg(prepared, str(tmp_path), growth={"enabled": False})
     t, result, events = run(cfg)
-    assert result["depth"] == 2 and not result["expanded"]
+    assert result.depth == 2 and not result.expanded
     assert not [e for e in events if e["event"] == "expand"]
     first, last = losses_of(events)[0][1], losses_of(events)[-1][1]
     assert last < first - 1.0  # it learns
@@ -92,13 +92,13 @@ def test_resume_reproduces_the_uninterrupted_run_bit_exactly(prepared, tmp_path,
     _, full, full_events = run(full_cfg)
     cfg = make_cfg(prepared, str(tmp_path / "split"))
     _, first, first_events = run(cfg, until=stop_at)
-    assert first["tokens"] == stop_at and not first["finished"]
+    assert first.tokens == stop_at and not first.finished
     uri, files = default_manager(cfg).load_latest()
-    assert uri == first["checkpoint"]
+    assert uri == first.checkpoint
     _, second, second_events = run(cfg, resume=files)
     assert losses_of(first_events) + losses_of(second_events) == losses_of(full_events)
-    assert second["val_loss"] == full["val_loss"]
-    assert second["flops"] == full["flops"]
+    assert second.val_loss == full.val_loss
+    assert second.flops == full.flops
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path):

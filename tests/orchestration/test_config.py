@@ -87,47 +87,47 @@ def test_missing_bucket_fails_before_training(s3_endpoint, tmp_path):  # noqa: F
 
 
 def test_no_saving_policy_trains_fixed_size_unless_told_to_expand():
-    from progrow_ray.pipeline import Pipeline
+    from progrow_ray.orchestration.records import SearchResult
+    from progrow_ray.orchestration.stages import apply_no_saving_policy
 
-    fixed = {"expand": False, "tau_tokens": 0, "verdict": "no saving at this horizon: x; train fixed-size"}
+    fixed = SearchResult(t_mix_tokens=None, expand=False, tau_tokens=0,
+                         verdict="no saving at this horizon: x; train fixed-size")
     for policy, expect in (("fixed", False), ("expand", True)):
-        pipe = object.__new__(Pipeline)
-        pipe.cfg, pipe.log = load(f"tune.on_no_saving={policy}"), (lambda _: None)
-        out = pipe.apply_no_saving_policy(dict(fixed))
-        assert out["expand"] is expect
+        out = apply_no_saving_policy(load(f"tune.on_no_saving={policy}"), fixed, lambda _: None)
+        assert out.expand is expect
         if expect:  # at the configured tau (0.5 x 12288), aligned to both batches, and the verdict says so
-            assert out["tau_tokens"] == 6144 and out["verdict_expand"] is False
-            assert "tune.on_no_saving=expand" in out["verdict"] and out["verdict"].startswith(fixed["verdict"])
+            assert out.tau_tokens == 6144 and out.verdict_expand is False
+            assert "tune.on_no_saving=expand" in out.verdict and out.verdict.startswith(fixed.verdict)
         else:
             assert out == fixed
-    mixed = {"expand": True, "tau_tokens": 4096, "verdict": "expand at tau = 4,096"}
-    pipe.cfg = load("tune.on_no_saving=expand")
-    assert pipe.apply_no_saving_policy(dict(mixed)) == mixed  # a real verdict is never overridden
+    mixed = SearchResult(t_mix_tokens=1024, expand=True, tau_tokens=4096, verdict="expand at tau = 4,096")
+    # a real verdict is never overridden
+    assert apply_no_saving_policy(load("tune.on_no_saving=expand"), mixed, lambda _: None) == mixed
 
 
 def test_standby_handoff_round_trip_and_abort(tmp_path):
     import threading
     import time
 
-    from progrow_ray.orchestration.phases import read_handoff, wait_for_handoff, write_handoff
+    from progrow_ray.orchestration.standby import Handoff
 
-    path = str(tmp_path / "h" / "handoff.json")
-    assert read_handoff(path, None) is None
+    handoff = Handoff(str(tmp_path / "h" / "handoff.json"))
+    assert handoff.read() is None
     got = {}
-    t = threading.Thread(target=lambda: got.setdefault("ckpt", wait_for_handoff({"path": path, "filesystem": None}, 0.01)))
+    t = threading.Thread(target=lambda: got.setdefault("ckpt", handoff.wait(0.01)))
     t.start()
     time.sleep(0.1)
     assert t.is_alive()  # waiting: nothing handed over yet
-    write_handoff(path, None, {"checkpoint_path": str(tmp_path / "ckpt")})
+    handoff.give(str(tmp_path / "ckpt"))
     t.join(timeout=10)
-    assert got["ckpt"].path == str(tmp_path / "ckpt")
-    write_handoff(path, None, {"abort": "phase 1 failed: RuntimeError"})
+    assert got["ckpt"] == str(tmp_path / "ckpt")
+    handoff.abort("phase 1 failed: RuntimeError")
     with pytest.raises(RuntimeError, match="phase 1 failed"):
-        wait_for_handoff({"path": path, "filesystem": None}, 0.01)
+        handoff.wait(0.01)
 
 
 def test_standby_needs_both_phases_workers_on_the_cluster():
-    from progrow_ray.pipeline import check_capacity
+    from progrow_ray.orchestration.cluster import check_capacity
 
     import ray
 
@@ -142,15 +142,18 @@ def test_standby_needs_both_phases_workers_on_the_cluster():
 
 def test_no_saving_reason_is_one_line_with_the_numbers():
     from progrow_ray.core.flops import train_flops_per_unit
-    from progrow_ray.pipeline import no_saving_reason
+    from progrow_ray.orchestration.records import ProbeTrial, SearchResult
+    from progrow_ray.report import no_saving_reason
 
     cfg = load()
-    searched = {"expand": True, "verdict_expand": False, "trials": [{}], "cap_tokens": 3072,
-                "mix": {"depth_advantage_rel": 0.0146}}
+    probe = ProbeTrial("fixed", 3072, 1.0, [])
+    searched = SearchResult(t_mix_tokens=None, tau_tokens=6144, verdict="x", expand=True, verdict_expand=False,
+                            trials=(probe,), cap_tokens=3072, mix={"depth_advantage_rel": 0.0146})
     why = no_saving_reason(cfg, searched)
     small = train_flops_per_unit(cfg.source_model_config(), seq_len=32)
     large = train_flops_per_unit(cfg.target_model_config(), seq_len=32)
     assert f"the layers are {1 - small / large:.0%} of this model's training FLOPs" in why
     assert "50,304-token head" in why and "by only 1.5%" in why and "not 12,288 tokens" in why and "\n" not in why
-    assert no_saving_reason(cfg, {"expand": True, "trials": [{}], "tau_tokens": 6144}) is None  # a real τ
-    assert no_saving_reason(cfg, {"expand": True, "trials": [], "tau_tokens": 6144}) is None  # no search ran
+    real = SearchResult(t_mix_tokens=1024, tau_tokens=6144, verdict="x", expand=True, trials=(probe,))
+    assert no_saving_reason(cfg, real) is None  # a real τ
+    assert no_saving_reason(cfg, SearchResult(None, 6144, True, "x")) is None  # no search ran

@@ -161,10 +161,10 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(text_co
     text = render_page(url, ("progressive vs baseline: val loss vs FLOPs", "val_loss", "baseline"), tmp_path / "compare.png")
     assert "Group:" in text and "progressive" in text and "train_loss" not in text
     # the report's plots: every line runs forward in x, τ marked on both (the data behind loss_vs_*.png)
-    from progrow_ray.pipeline import plot_runs
-    from progrow_ray.report import plot_lines
+    from progrow_ray.orchestration.records import PhaseResult
+    from progrow_ray.report import plot_lines, plot_runs
 
-    phases = [state["phases"]["phase1"], state["phases"]["phase2"]]
+    phases = [PhaseResult.from_json(state["phases"]["phase1"]), PhaseResult.from_json(state["phases"]["phase2"])]
     for x in ("tokens", "flops"):
         data = plot_lines(plot_runs(phases, None), x)
         assert all(all(b >= a for a, b in zip(l.x, l.x[1:])) for l in data.lines)

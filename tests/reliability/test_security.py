@@ -92,11 +92,11 @@ def test_local_ray_dashboard_listens_on_loopback(tmp_path):
 
     from progrow_ray.engine.config import load_run_config
     from progrow_ray.orchestration.config import PipelineConfig
-    from progrow_ray.pipeline import init_ray
+    from progrow_ray.orchestration.cluster import RaySession
 
     cfg = load_run_config(ROOT / "tests" / "orchestration" / "tiny.yaml", [], cls=PipelineConfig)
-    assert init_ray(cfg, None, log=lambda _: None)
-    try:
+    with RaySession(None, cfg.ray.local_cpus, log=lambda _: None) as session:
+        assert session.local
         url = ray.get_runtime_context().gcs_address
         dashboard = ray._private.worker.global_worker.node.address_info["webui_url"]
         assert dashboard.startswith("127.0.0.1:"), dashboard
@@ -108,8 +108,7 @@ def test_local_ray_dashboard_listens_on_loopback(tmp_path):
                 break
             time.sleep(0.5)
         assert listening and all(ip in ("127.0.0.1", "::1") for ip in listening), (url, listening)
-    finally:
-        ray.shutdown()
+    assert not ray.is_initialized()  # the session shut down the cluster it started
 
 
 def test_manifests_take_credentials_by_secret_reference():

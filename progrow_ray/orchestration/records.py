@@ -1,0 +1,158 @@
+"""What crosses a boundary above the engine, typed: a phase's result, the searches' results and the
+pipeline's state. Frozen; turned into JSON only where they meet the disk (``pipeline_state.json``) or
+MLflow, by ``to_json`` / ``from_json``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+def _known(cls, data: dict) -> dict:
+    """The keys of ``data`` that are fields of ``cls``: state files of older versions still load."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """How a phase appears in MLflow: its params and tags, and its run id once it was logged."""
+
+    params: dict
+    tags: dict
+    run_id: str | None = None  # "disabled" when tracking was off
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """One Ray Train fit of the pipeline (phase1, phase2, fixed, baseline) as the driver keeps it."""
+
+    name: str
+    depth: Any
+    workers: int
+    global_batch_tokens: int
+    tokens: int  # this phase's own tokens (phase 2: after τ)
+    tokens_end: int  # the run's token count when the phase ended
+    flops: float  # this phase's own FLOPs
+    flops_end: float
+    final_train_loss: float | None
+    final_val_loss: float | None
+    checkpoint_uri: str | None
+    fit_s: float
+    end_time: float
+    history: list  # this phase's own metric events (engine format)
+    mlflow: TrackedRun
+    phase_switch_s: float | None = None  # phase 2: from phase 1's end to the expansion
+    phase_switch_breakdown: dict | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PhaseResult":
+        return cls(**{**_known(cls, data), "mlflow": TrackedRun(**data["mlflow"])})
+
+    # the columns of the report's phase table
+    REPORT_KEYS = ("name", "depth", "workers", "global_batch_tokens", "tokens", "flops", "final_train_loss",
+                   "checkpoint_uri")
+
+    def report_row(self) -> dict:
+        return {k: getattr(self, k) for k in self.REPORT_KEYS}
+
+
+@dataclass(frozen=True)
+class ProbeTrial:
+    """One probe of the τ search: its loss curve by tokens."""
+
+    role: str  # fixed | progressive | progressive-1 | source
+    tokens: int
+    flops: float
+    curve: list  # [{"tokens", "train_loss", "flops"}]
+    error: str | None = None
+
+    def events(self) -> list[dict]:
+        """The curve as engine metric events (what the tracker logs)."""
+        return [{"event": "train", "step": i, **point} for i, point in enumerate(self.curve)]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The τ search's outcome: the mixing time measured, the τ planned, the verdict."""
+
+    t_mix_tokens: int | None
+    tau_tokens: int | None
+    expand: bool  # the main run grows (may be forced by tune.on_no_saving=expand)
+    verdict: str
+    search_flops: float = 0.0
+    trials: tuple = ()  # ProbeTrial per probe
+    cap_tokens: int | None = None
+    expand_at_tokens: int | None = None
+    mix: dict | None = None  # core.mixing.MixResult.to_dict()
+    plan: dict | None = None  # core.mixing.TauPlan.to_dict()
+    verdict_expand: bool | None = None  # the search's own verdict, when tune.on_no_saving overrode it
+    one_layer_t_mix_tokens: int | None = None
+
+    @property
+    def search_says_expand(self) -> bool:
+        return self.expand if self.verdict_expand is None else self.verdict_expand
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["trials"] = [dataclasses.asdict(t) for t in self.trials]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SearchResult":
+        trials = tuple(ProbeTrial(**_known(ProbeTrial, t)) for t in data.get("trials", ()))
+        return cls(**{**_known(cls, data), "trials": trials})
+
+    REPORT_KEYS = ("t_mix_tokens", "tau_tokens", "verdict", "search_flops", "trials", "expand", "verdict_expand",
+                   "cap_tokens", "expand_at_tokens")
+
+    def report_section(self) -> dict:
+        data = self.to_json()
+        return {k: data[k] for k in self.REPORT_KEYS}
+
+
+@dataclass(frozen=True)
+class LrSearchResult:
+    best_lr: float
+    trials: list  # [{"lr", "train_loss", "flops"}]
+    flops: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class PipelineState:
+    """Everything a pipeline run has finished, so that the same command resumes where it stopped."""
+
+    config: dict | None = None  # the run's config as first started (a resumption must match it)
+    mlflow_parent_run_id: str | None = None
+    lr_search: LrSearchResult | None = None
+    tau_search: SearchResult | None = None
+    phases: dict = field(default_factory=dict)  # name -> PhaseResult, in the order they finished
+    mlflow_progressive_run_id: str | None = None
+    done: bool = False
+
+    def to_json(self) -> dict:
+        out = {"config": self.config, "mlflow_parent_run_id": self.mlflow_parent_run_id,
+               "lr_search": self.lr_search.to_json() if self.lr_search else None,
+               "tau_search": self.tau_search.to_json() if self.tau_search else None,
+               "phases": {k: p.to_json() for k, p in self.phases.items()},
+               "mlflow_progressive_run_id": self.mlflow_progressive_run_id, "done": self.done}
+        return {k: v for k, v in out.items() if v not in (None, {}, False)}  # what has not happened is absent
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "PipelineState":
+        data = data or {}
+        return cls(config=data.get("config"), mlflow_parent_run_id=data.get("mlflow_parent_run_id"),
+                   lr_search=LrSearchResult(**data["lr_search"]) if data.get("lr_search") else None,
+                   tau_search=SearchResult.from_json(data["tau_search"]) if data.get("tau_search") else None,
+                   phases={k: PhaseResult.from_json(p) for k, p in data.get("phases", {}).items()},
+                   mlflow_progressive_run_id=data.get("mlflow_progressive_run_id"), done=bool(data.get("done")))
+
+    def with_phase(self, phase: PhaseResult) -> "PipelineState":
+        return replace(self, phases={**self.phases, phase.name: phase})

@@ -1,0 +1,395 @@
+"""The pipeline as stages: data -> τ search -> the main run's phases -> baseline -> tracking -> report.
+
+``run_stages`` is the whole job, in order. Every stage reads one ``PipelineRun`` (config, console,
+storage, tracker and the state file), skips what an earlier attempt finished, and records what it
+finished before the next stage starts: re-running the same command resumes at the first unfinished
+stage, and an interrupted phase resumes from its last committed checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..console import Console
+from ..core.errors import require
+from ..engine.config import RunConfig, to_dict
+from ..integrations.storage import RayStorage, join, read_json, write_json
+from ..integrations.tracking import ARM_TAG, PIPELINE_TAG, Tracker
+from ..report import MlflowRefs, Report, build_report, own_events, report_files
+from .config import PipelineConfig
+from .phases import PhaseOutcome, run_phase
+from .records import PhaseResult, PipelineState, SearchResult, TrackedRun
+from .standby import Handoff, StandbyFit
+
+STATE = "pipeline_state.json"
+# Sections that may change between a run and its resumption without changing what is trained.
+RESUMABLE_KEYS = ("ray", "mlflow")
+PHASE_TITLES = {"phase1": "phase 1: the source model until τ", "phase2": "phase 2: expanded to the target depth",
+                "fixed": "main run: the target model (fixed size)", "baseline": "baseline: the fixed-size target model"}
+
+
+class StateFile:
+    """The pipeline's one state object and the JSON file that keeps it (written after every change)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.state = PipelineState.from_json(read_json(uri))
+
+    def update(self, **changes) -> PipelineState:
+        self.state = replace(self.state, **changes)
+        write_json(self.uri, self.state.to_json())
+        return self.state
+
+    def add_phase(self, phase: PhaseResult) -> None:
+        self.update(phases={**self.state.phases, phase.name: phase})
+
+
+def check_same_run(cfg: PipelineConfig, state: PipelineState) -> None:
+    """A run directory resumes only the config that started it (``ray`` and ``mlflow`` may change)."""
+    saved = state.config
+    if not saved:
+        return
+    now = to_dict(cfg)
+    diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k))
+    require(not diff, f"run {cfg.name!r} in {cfg.out} exists with a different config ({', '.join(diff)} "
+                      "changed); use another name (--set name=...) or the original config")
+
+
+@dataclass
+class PipelineRun:
+    """What every stage reads."""
+
+    cfg: PipelineConfig
+    console: Console
+    state: StateFile
+    storage: RayStorage  # Ray's results and checkpoints: <out>/<name>/ray
+    tracker: Tracker
+    board: Any = None  # live progress from the workers (orchestration.progress)
+
+    @property
+    def root(self) -> str:
+        return join(self.cfg.out, self.cfg.name)
+
+    @property
+    def parent(self) -> str | None:
+        return self.state.state.mlflow_parent_run_id
+
+    @property
+    def pipeline_tag(self) -> str:
+        """What the comparison views group by besides the arm: this pipeline run, not every run of its name."""
+        return f"{self.cfg.name} {self.parent[:8]}" if self.parent else self.cfg.name
+
+
+def run_root(cfg: PipelineConfig) -> str:
+    return join(cfg.out, cfg.name)
+
+
+def read_state(cfg: PipelineConfig) -> StateFile:
+    return StateFile(join(run_root(cfg), STATE))
+
+
+def open_run(cfg: PipelineConfig, console: Console, tracking_uri: str) -> PipelineRun:
+    """The run's state (new, or what an earlier attempt finished), its MLflow parent run and progress board."""
+    from .progress import make_board
+
+    state = read_state(cfg)
+    check_same_run(cfg, state.state)
+    if state.state.config is None:
+        state.update(config=to_dict(cfg))
+    tracker = Tracker(tracking_uri, cfg.mlflow.experiment, log=console.info)
+    if not state.state.mlflow_parent_run_id:
+        state.update(mlflow_parent_run_id=tracker.start_run(cfg.name, tags={"progrow.kind": "pipeline"},
+                                                            params=to_dict(cfg)))
+    return PipelineRun(cfg, console, state, RayStorage(join(run_root(cfg), "ray")), tracker, make_board())
+
+
+def run_stages(run: PipelineRun) -> Report:
+    """The job, stage by stage (the data stage ran before anything of the run was written)."""
+    search = search_stage(run)
+    phases = main_run_stage(run, search)
+    baseline = baseline_stage(run, search)
+    tracking_stage(run)
+    report = report_stage(run, search, phases, baseline)
+    run.state.update(done=True)
+    run.tracker.end(run.parent)
+    return report
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def data_stage(cfg: PipelineConfig, log) -> None:
+    """The token shards the run reads, prepared once (a no-op when they are up to date)."""
+    from ..data.prepare import prepare_run_data
+
+    prepare_run_data(cfg.data, log=log)
+
+
+# ---- search ---------------------------------------------------------------------------------------
+def search_stage(run: PipelineRun) -> SearchResult:
+    """The learning-rate search (optional) and the τ search, or τ as configured; then the no-saving policy."""
+    from .tune_tau import search_lr
+
+    cfg, state = run.cfg, run.state
+    if state.state.tau_search is not None:
+        return state.state.tau_search
+    if cfg.tune.lr_search.enabled and state.state.lr_search is None:
+        lr = search_lr(cfg, storage=run.storage, run_name=f"{cfg.name}-lr-search", log=run.console.info)
+        state.update(lr_search=lr)
+        run.console.info(f"lr search: best lr {lr.best_lr:.4g}")
+    if state.state.lr_search is not None:
+        cfg = replace(cfg, optimizer=replace(cfg.optimizer, lr=state.state.lr_search.best_lr))
+    if cfg.tune.enabled:
+        run.console.stage("τ search (Ray Tune): probes measure the mixing time")
+        result = measure_tau(run, cfg)
+    else:
+        tau = cfg.tau_tokens
+        verdict = (f"tau set by the config: {tau:,} tokens (no search)" if tau else
+                   "growth.enabled=false: the target model trains at full depth from the start (no search)")
+        result = SearchResult(t_mix_tokens=None, tau_tokens=tau, expand=tau is not None and tau > 0, verdict=verdict)
+    run.console.info(f"verdict: {result.verdict}")
+    result = apply_no_saving_policy(cfg, result, run.console.info)
+    state.update(tau_search=result)
+    return result
+
+
+def measure_tau(run: PipelineRun, cfg: PipelineConfig) -> SearchResult:
+    """The probes on Ray Tune, with a live line on the console, then one MLflow child run per probe."""
+    from .tune_tau import search_tau
+
+    live: dict = {}
+
+    def on_start(roles: list[str], cap: int) -> None:
+        live["line"] = run.console.progress("search", cap * len(roles))
+        live["tokens"] = dict.fromkeys(roles, 0)
+        live["note"] = f"{len(roles)} probes"
+
+    def on_result(role: str, r: dict) -> None:
+        live["tokens"][role] = max(live["tokens"][role], r.get("tokens", 0))
+        loss = r.get("train_loss") if role == "fixed" else None
+        live["line"].update(sum(live["tokens"].values()), loss=loss, note=live["note"])
+
+    try:
+        result = search_tau(cfg, storage=run.storage, run_name=f"{cfg.name}-tau-search", log=run.console.note,
+                            on_start=on_start, on_result=on_result)
+    finally:
+        if "line" in live:
+            live["line"].close()
+    for trial in result.trials:
+        rid = run.tracker.start_run(f"search-{trial.role}", parent_id=run.parent, tags={
+            "progrow.phase": "tau-search", "progrow.role": trial.role, ARM_TAG: f"search-{trial.role}",
+            PIPELINE_TAG: run.pipeline_tag})
+        run.tracker.log_history(rid, trial.events())
+        run.tracker.end(rid)
+    return result
+
+
+def apply_no_saving_policy(cfg: PipelineConfig, result: SearchResult, log) -> SearchResult:
+    """``tune.on_no_saving=expand``: expand at the configured τ although the verdict says fixed-size."""
+    if result.expand or cfg.tune.on_no_saving != "expand":
+        return result
+    from .tune_tau import align_tau
+
+    tau = align_tau(cfg.tau_tokens, cfg.train.batch_tokens, cfg.phase2_batch_tokens, cfg.train.total_tokens)
+    note = (f"tune.on_no_saving=expand: expanding anyway at the configured tau = {tau:,} tokens "
+            f"({tau / cfg.train.total_tokens:.0%} of the horizon)")
+    log(note)
+    return replace(result, expand=True, tau_tokens=tau, verdict_expand=False, verdict=f"{result.verdict} -- {note}")
+
+
+# ---- the main run ---------------------------------------------------------------------------------
+def main_run_config(run: PipelineRun, search: SearchResult) -> RunConfig:
+    """The engine config of the main run's phases: τ from the search, the searched learning rate."""
+    base = run.cfg.run_config()
+    growth = replace(base.growth, tau_tokens=search.tau_tokens, tau_frac=None)
+    lr = run.state.state.lr_search
+    optimizer = replace(base.optimizer, lr=lr.best_lr) if lr else base.optimizer
+    return replace(base, growth=growth, optimizer=optimizer)
+
+
+def fixed_size(run_cfg: RunConfig) -> RunConfig:
+    return replace(run_cfg, growth=replace(run_cfg.growth, enabled=False))
+
+
+def main_run_stage(run: PipelineRun, search: SearchResult) -> list[PhaseResult]:
+    """Phase 1 then phase 2 when the search says expand; else the target model, fixed-size, throughout."""
+    run_cfg = main_run_config(run, search)
+    if not search.expand:
+        return [train_phase(run, "fixed", fixed_size(run_cfg), workers=run.cfg.fixed_size_workers())]
+    done = run.state.state.phases
+    if run.cfg.ray.standby and "phase1" not in done and "phase2" not in done:
+        return progressive_with_standby(run, run_cfg, search.tau_tokens)
+    # phase 1 goes to MLflow once phase 2 runs: nothing but Ray stands between τ and phase 2
+    p1 = train_phase(run, "phase1", run_cfg, workers=run.cfg.ray.workers_small, until=search.tau_tokens,
+                     prewarm=True, track=False)
+    p2 = train_phase(run, "phase2", run_cfg, workers=run.cfg.ray.workers_large, start_from=p1.checkpoint_uri)
+    return [p1, p2]
+
+
+def progressive_with_standby(run: PipelineRun, run_cfg: RunConfig, tau: int) -> list[PhaseResult]:
+    """Phase 2's fit starts alongside phase 1 and waits for its checkpoint (``standby.py``)."""
+    cfg = run.cfg
+    handoff = Handoff(run.storage.child(f"{cfg.name}-phase2-handoff.json"))
+    standby = StandbyFit(lambda: train_phase(run, "phase2", run_cfg, workers=cfg.ray.workers_large,
+                                             handoff=handoff.uri, announce=False))
+    try:
+        p1 = train_phase(run, "phase1", run_cfg, workers=cfg.ray.workers_small, until=tau, track=False,
+                         note=f"phase 2 waits on {cfg.ray.workers_large} standby worker(s)")
+    except BaseException as e:
+        handoff.abort(f"phase 1 failed: {type(e).__name__}")
+        standby.result(timeout_s=60)
+        raise
+    handoff.give(p1.checkpoint_uri)
+    announce_phase(run, "phase2", run_cfg, cfg.ray.workers_large)
+    return [p1, standby.result()]
+
+
+def baseline_stage(run: PipelineRun, search: SearchResult) -> PhaseResult | None:
+    """The fixed-size target model on the same tokens, on the large worker group: what the saving is measured against."""
+    if not run.cfg.baseline.enabled:
+        return None
+    return train_phase(run, "baseline", fixed_size(main_run_config(run, search)), workers=run.cfg.ray.workers_large,
+                       tags={"progrow.phase": "baseline"})
+
+
+# ---- one phase ------------------------------------------------------------------------------------
+def announce_phase(run: PipelineRun, name: str, run_cfg: RunConfig, workers: int, note: str = "") -> None:
+    """The stage header of a phase: what trains where, on which batch, up to where."""
+    batch = (run_cfg.growth.batch_tokens_after if name == "phase2" else None) or run_cfg.train.batch_tokens
+    run.console.stage(f"{PHASE_TITLES.get(name, name)} -- {workers} worker(s), global batch {batch:,} tokens"
+                      + (f"; {note}" if note else ""))
+
+
+def train_phase(run: PipelineRun, name: str, run_cfg: RunConfig, *, workers: int, until: int | None = None,
+                start_from: str | None = None, handoff: str | None = None, prewarm: bool = False,
+                tags: dict | None = None, track: bool = True, announce: bool = True, note: str = "") -> PhaseResult:
+    """One Ray Train fit (skipped when an earlier attempt finished it), recorded in the state file."""
+    from .prewarm import PhaseTwoPrewarm
+    from .progress import watch
+
+    done = run.state.state.phases
+    if name in done:
+        run.console.info(f"{name}: done earlier, skipped")
+        return done[name]
+    cfg = run.cfg
+    if announce:
+        announce_phase(run, name, run_cfg, workers, note)
+    phase1 = done.get("phase1") if name == "phase2" else None
+    # standby: phase 1 has not finished yet, phase 2 starts at τ
+    first = phase1.tokens_end if phase1 else (run_cfg.growth.tau_tokens or 0) if name == "phase2" else 0
+    warm = PhaseTwoPrewarm(cfg) if (prewarm and cfg.ray.prewarm) else None
+    try:
+        with watch(run.board, name, run.console, start_tokens=first, end_tokens=until or cfg.train.total_tokens):
+            outcome = run_phase(name, run_cfg, workers=workers, storage=run.storage, ray_cfg=cfg.ray,
+                                run_name=f"{cfg.name}-{name}", until_tokens=until, start_from=start_from,
+                                handoff=handoff, board=run.board)
+    finally:
+        if warm is not None:
+            warm.release()
+    phase1 = run.state.state.phases.get("phase1") if name == "phase2" else None
+    result = phase_result(outcome, phase1, TrackedRun(to_dict(run_cfg), {
+        "progrow.phase": name, "progrow.depth": outcome.result.depth, **arm_tags(run, name),
+        "progrow.workers": workers, **(tags or {})}))
+    run.state.add_phase(result)
+    if track:
+        track_phase(run, name)
+    r = outcome.result
+    val = f"{r.val_loss:.4f}" if r.val_loss is not None else "-"
+    run.console.detail(f"{name}: {r.tokens:,} tokens, depth {r.depth}, train loss {r.train_loss:.4f}, "
+                       f"val loss {val} ({outcome.fit_s:.0f} s)")
+    return result
+
+
+def arm_tags(run: PipelineRun, name: str) -> dict:
+    """The arm a saved view groups by: phase 1 and 2 form the "progressive" run (``track_progressive``);
+    the rest stays out of the views."""
+    arm = {"fixed": "fixed-size", "baseline": "baseline"}.get(name)
+    return {ARM_TAG: arm, PIPELINE_TAG: run.pipeline_tag} if arm else {}
+
+
+def phase_result(outcome: PhaseOutcome, phase1: PhaseResult | None, mlflow: TrackedRun) -> PhaseResult:
+    """A fit's outcome as the pipeline keeps it; phase 2 counts only its own tokens, FLOPs and events
+    (it resumes phase 1's checkpoint, whose history it carries)."""
+    r = outcome.result
+    tokens0, flops0 = (phase1.tokens_end, phase1.flops_end) if phase1 else (0, 0.0)
+    switch_s, breakdown = switch_timing(outcome, phase1) if phase1 else (None, None)
+    return PhaseResult(
+        name=outcome.name, depth=r.depth, workers=outcome.workers, global_batch_tokens=outcome.batch_tokens,
+        tokens=r.tokens - tokens0, tokens_end=r.tokens, flops=r.flops - flops0, flops_end=r.flops,
+        final_train_loss=r.train_loss, final_val_loss=r.val_loss, checkpoint_uri=outcome.checkpoint_uri,
+        fit_s=outcome.fit_s, end_time=outcome.end_time,
+        history=own_events(outcome.history, phase1.history if phase1 else []), mlflow=mlflow,
+        phase_switch_s=switch_s, phase_switch_breakdown=breakdown)
+
+
+def switch_timing(outcome: PhaseOutcome, phase1: PhaseResult) -> tuple[float | None, dict | None]:
+    """Seconds from phase 1's end to the expansion in phase 2, and where they went."""
+    expand = [e for e in outcome.history if e.get("event") == "expand"]
+    if not expand:
+        return None, None
+    expanded = expand[-1]["time"]
+    if outcome.handoff_time:  # standby: phase 1's fit ends + handoff, then restore + expand
+        return expanded - phase1.end_time, {"handoff_s": outcome.handoff_time - phase1.end_time,
+                                            "restore_and_expand_s": expanded - outcome.handoff_time}
+    # the driver between fits, worker start-up, restore + expand
+    return expanded - phase1.end_time, {"between_fits_s": outcome.fit_start_time - phase1.end_time,
+                                        "workers_start_s": outcome.loop_start_time - outcome.fit_start_time,
+                                        "restore_and_expand_s": expanded - outcome.loop_start_time}
+
+
+# ---- tracking -------------------------------------------------------------------------------------
+def tracking_stage(run: PipelineRun) -> None:
+    """Every phase as an MLflow child run (once), and the progressive arm with both phases' curves."""
+    for name in run.state.state.phases:
+        track_phase(run, name)
+    track_progressive(run)
+
+
+def track_phase(run: PipelineRun, name: str) -> None:
+    """One MLflow child run per phase, once (the run id is kept in the state file)."""
+    phase = run.state.state.phases[name]
+    if phase.mlflow.run_id:
+        return
+    rid = run.tracker.start_run(name, parent_id=run.parent, params=phase.mlflow.params, tags=phase.mlflow.tags)
+    run.tracker.log_history(rid, phase.history)
+    run.tracker.end(rid)
+    run.state.add_phase(replace(phase, mlflow=replace(phase.mlflow, run_id=rid or "disabled")))
+
+
+def track_progressive(run: PipelineRun) -> None:
+    """One child run "progressive" with both phases' curves: the progressive arm of the comparison
+    views (phase1 and phase2 keep their own runs, with their params and workers)."""
+    phases = run.state.state.phases
+    if "phase2" not in phases or run.state.state.mlflow_progressive_run_id:
+        return
+    p1, p2 = phases["phase1"], phases["phase2"]
+    rid = run.tracker.start_run("progressive", parent_id=run.parent, params=p2.mlflow.params, tags={
+        "progrow.phase": "phase1+phase2", ARM_TAG: "progressive", PIPELINE_TAG: run.pipeline_tag,
+        "progrow.depth": f"{p1.depth} -> {p2.depth}", "progrow.workers": f"{p1.workers} -> {p2.workers}"})
+    run.tracker.log_history(rid, p1.history + own_events(p2.history, p1.history))
+    run.tracker.end(rid)
+    run.state.update(mlflow_progressive_run_id=rid or "disabled")
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def report_stage(run: PipelineRun, search: SearchResult, phases: list[PhaseResult],
+                 baseline: PhaseResult | None) -> Report:
+    """report.json / .md, config.yaml and the plots, in the run directory and on the MLflow parent run."""
+    from ..integrations.storage import write_bytes
+
+    refs = MlflowRefs(run.tracker.tracking_uri, run.tracker.experiment_id, run.parent)
+    report = build_report(run.cfg, search, phases, baseline, run.state.state.lr_search, refs)
+    files = report_files(report, run.cfg, phases, baseline)
+    for x in ("tokens", "flops"):
+        run.tracker.log_image(run.parent, files[f"loss_vs_{x}.png"], key=f"loss_vs_{x}")
+    for name, data in files.items():
+        write_bytes(join(run.root, name), data)
+    run.tracker.log_files(run.parent, files)
+    s = report.savings
+    run.tracker.log_metrics(run.parent, {
+        "final_val_loss": report.progressive.final_val_loss, "flops": report.progressive.flops,
+        "baseline_final_val_loss": report.baseline.final_val_loss if report.baseline else None,
+        "flops_fraction": s.flops_fraction if s else None, "flops_fraction_paper": s.flops_fraction_paper if s else None,
+        "loss_gap_rel": s.loss_gap_rel if s else None, "tau_tokens": search.tau_tokens,
+        "search_flops": search.search_flops})
+    return report
+
