@@ -63,8 +63,9 @@ def test_local_servers_bind_loopback_only():
         if "0.0.0.0" in text and path.name != "test_security.py":
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
-    assert "dashboard_host=\"127.0.0.1\"" in (ROOT / "progrow_ray" / "pipeline.py").read_text()
-    assert "--host 127.0.0.1" in (ROOT / "progrow_ray" / "pipeline.py").read_text()  # the MLflow UI command we print
+    orchestration = ROOT / "progrow_ray" / "orchestration"
+    assert "dashboard_host=\"127.0.0.1\"" in (orchestration / "cluster.py").read_text()  # RaySession's local cluster
+    assert "--host 127.0.0.1" in (orchestration / "job.py").read_text()  # the MLflow UI command we print
     assert "127.0.0.1" in (ROOT / "cluster" / "local.sh").read_text()
 
 
