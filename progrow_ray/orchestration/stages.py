@@ -236,7 +236,7 @@ def progressive_with_standby(run: PipelineRun, run_cfg: RunConfig, tau: int) -> 
                          note=f"phase 2 waits on {cfg.ray.workers_large} standby worker(s)")
     except BaseException as e:
         handoff.abort(f"phase 1 failed: {type(e).__name__}")
-        standby.result(timeout_s=60)
+        standby.release(timeout_s=60)  # phase 1's own error is the one to report
         raise
     handoff.give(p1.checkpoint_uri)
     announce_phase(run, "phase2", run_cfg, cfg.ray.workers_large)

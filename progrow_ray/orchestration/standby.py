@@ -55,6 +55,10 @@ class StandbyFit:
         self._thread = threading.Thread(target=run, name="phase2-standby", daemon=True)
         self._thread.start()
 
+    def release(self, timeout_s: float) -> None:
+        """Wait for the thread after an abort, without raising its (consequential) error."""
+        self._thread.join(timeout_s)
+
     def result(self, timeout_s: float | None = None):
         self._thread.join(timeout_s)
         if "error" in self._outcome:
