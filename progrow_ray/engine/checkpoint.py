@@ -51,27 +51,15 @@ def write_checkpoint(uri: str, files: dict[str, Any]) -> str:
     blobs = {name: _encode(name, obj) for name, obj in files.items()}
     manifest = {"format": FORMAT, "files": {n: hashlib.sha256(b).hexdigest() for n, b in blobs.items()}}
     local = storage.is_local(fs)
-    target = path
+    staging = uri  # remotely in place; locally under a temporary name, renamed into place at the end
     if local:
-        path = os.path.join(os.path.dirname(path.rstrip("/")), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    if local:
-        fs.makedirs(path, exist_ok=True)
-    else:
-        storage.with_retries(lambda: fs.makedirs(path, exist_ok=True), f"checkpoint write {uri}")
-
-    def put(name: str, data: bytes) -> None:
-        with fs.open(f"{path}/{name}", "wb") as fh:
-            fh.write(data)
-
+        staging = os.path.join(os.path.dirname(path.rstrip("/")), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     for name, data in [*blobs.items(), (MANIFEST, json.dumps(manifest, indent=1).encode())]:
-        if local:
-            put(name, data)
-        else:
-            storage.with_retries(lambda: put(name, data), f"checkpoint write {uri}/{name}")
+        storage.write_bytes(f"{staging}/{name}", data)  # remote writes retry (storage.with_retries)
     if local:
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(path, target)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
     return uri
 
 

@@ -67,9 +67,6 @@ class RunResult:
     wall_s: float
     finished: bool  # reached train.total_tokens (not only a phase boundary)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def model_state(model) -> dict:
     return {"kind": model_kind(model.config), **{k: (list(v) if isinstance(v, tuple) else v)

@@ -59,7 +59,7 @@ def open_file(uri: str, mode: str = "rb"):
 
 # ---- retries --------------------------------------------------------------------------------------
 def is_transient(e: BaseException) -> bool:
-    if isinstance(e, (FileNotFoundError, PermissionError)):
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
         return False
     return isinstance(e, (ConnectionError, TimeoutError, OSError)) or any(
         c.__name__ in TRANSIENT_NAMES for c in type(e).__mro__)

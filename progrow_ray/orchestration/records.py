@@ -5,7 +5,7 @@ MLflow, by ``to_json`` / ``from_json``."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -153,6 +153,3 @@ class PipelineState:
                    tau_search=SearchResult.from_json(data["tau_search"]) if data.get("tau_search") else None,
                    phases={k: PhaseResult.from_json(p) for k, p in data.get("phases", {}).items()},
                    mlflow_progressive_run_id=data.get("mlflow_progressive_run_id"), done=bool(data.get("done")))
-
-    def with_phase(self, phase: PhaseResult) -> "PipelineState":
-        return replace(self, phases={**self.phases, phase.name: phase})

@@ -14,7 +14,7 @@ from typing import Any
 from ..console import Console
 from ..core.errors import require
 from ..engine.config import RunConfig, to_dict
-from ..integrations.storage import RayStorage, join, read_json, write_json
+from ..integrations.storage import RayStorage, join, read_json, write_bytes, write_json
 from ..integrations.tracking import ARM_TAG, PIPELINE_TAG, Tracker
 from ..report import MlflowRefs, Report, build_report, own_events, report_files
 from .config import PipelineConfig
@@ -69,7 +69,7 @@ class PipelineRun:
 
     @property
     def root(self) -> str:
-        return join(self.cfg.out, self.cfg.name)
+        return run_root(self.cfg)
 
     @property
     def parent(self) -> str | None:
@@ -108,7 +108,7 @@ def run_stages(run: PipelineRun) -> Report:
     """The job, stage by stage (the data stage ran before anything of the run was written)."""
     search = search_stage(run)
     phases = main_run_stage(run, search)
-    baseline = baseline_stage(run, search)
+    baseline = baseline_stage(run)
     tracking_stage(run)
     report = report_stage(run, search, phases, baseline)
     run.state.update(done=True)
@@ -197,24 +197,31 @@ def apply_no_saving_policy(cfg: PipelineConfig, result: SearchResult, log) -> Se
 
 
 # ---- the main run ---------------------------------------------------------------------------------
-def main_run_config(run: PipelineRun, search: SearchResult) -> RunConfig:
-    """The engine config of the main run's phases: τ from the search, the searched learning rate."""
+def searched_run_config(run: PipelineRun) -> RunConfig:
+    """The config's engine sections with the searched learning rate, if there was a search."""
     base = run.cfg.run_config()
-    growth = replace(base.growth, tau_tokens=search.tau_tokens, tau_frac=None)
     lr = run.state.state.lr_search
-    optimizer = replace(base.optimizer, lr=lr.best_lr) if lr else base.optimizer
-    return replace(base, growth=growth, optimizer=optimizer)
+    return replace(base, optimizer=replace(base.optimizer, lr=lr.best_lr)) if lr else base
 
 
-def fixed_size(run_cfg: RunConfig) -> RunConfig:
-    return replace(run_cfg, growth=replace(run_cfg.growth, enabled=False))
+def main_run_config(run: PipelineRun, search: SearchResult) -> RunConfig:
+    """The engine config of the progressive phases: τ from the search."""
+    base = searched_run_config(run)
+    return replace(base, growth=replace(base.growth, tau_tokens=search.tau_tokens, tau_frac=None))
+
+
+def fixed_size_config(run: PipelineRun) -> RunConfig:
+    """The target model from the start (the fixed-size main run, the baseline): growth off, the config's
+    own growth section otherwise, as its MLflow params show."""
+    base = searched_run_config(run)
+    return replace(base, growth=replace(base.growth, enabled=False))
 
 
 def main_run_stage(run: PipelineRun, search: SearchResult) -> list[PhaseResult]:
     """Phase 1 then phase 2 when the search says expand; else the target model, fixed-size, throughout."""
-    run_cfg = main_run_config(run, search)
     if not search.expand:
-        return [train_phase(run, "fixed", fixed_size(run_cfg), workers=run.cfg.fixed_size_workers())]
+        return [train_phase(run, "fixed", fixed_size_config(run), workers=run.cfg.fixed_size_workers())]
+    run_cfg = main_run_config(run, search)
     done = run.state.state.phases
     if run.cfg.ray.standby and "phase1" not in done and "phase2" not in done:
         return progressive_with_standby(run, run_cfg, search.tau_tokens)
@@ -243,11 +250,11 @@ def progressive_with_standby(run: PipelineRun, run_cfg: RunConfig, tau: int) -> 
     return [p1, standby.result()]
 
 
-def baseline_stage(run: PipelineRun, search: SearchResult) -> PhaseResult | None:
+def baseline_stage(run: PipelineRun) -> PhaseResult | None:
     """The fixed-size target model on the same tokens, on the large worker group: what the saving is measured against."""
     if not run.cfg.baseline.enabled:
         return None
-    return train_phase(run, "baseline", fixed_size(main_run_config(run, search)), workers=run.cfg.ray.workers_large,
+    return train_phase(run, "baseline", fixed_size_config(run), workers=run.cfg.ray.workers_large,
                        tags={"progrow.phase": "baseline"})
 
 
@@ -374,8 +381,6 @@ def track_progressive(run: PipelineRun) -> None:
 def report_stage(run: PipelineRun, search: SearchResult, phases: list[PhaseResult],
                  baseline: PhaseResult | None) -> Report:
     """report.json / .md, config.yaml and the plots, in the run directory and on the MLflow parent run."""
-    from ..integrations.storage import write_bytes
-
     refs = MlflowRefs(run.tracker.tracking_uri, run.tracker.experiment_id, run.parent)
     report = build_report(run.cfg, search, phases, baseline, run.state.state.lr_search, refs)
     files = report_files(report, run.cfg, phases, baseline)
