@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints-cpu.txt)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo lint format test clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,16 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: setup
 	$(PY) -m progrow_ray.pipeline
 
-test: setup
+# style and import order (ruff, pinned in the test extra); `make format` rewrites what it can
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

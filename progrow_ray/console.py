@@ -32,8 +32,14 @@ def fmt_duration(s: float) -> str:
 class Console:
     """The user's console. ``quiet`` sends everything but this object's own lines to ``log_path``."""
 
-    def __init__(self, log_path: str | None = None, verbose: bool = False, stream: TextIO | None = None,
-                 interval_s: float = 60.0, clock=time.time):
+    def __init__(
+        self,
+        log_path: str | None = None,
+        verbose: bool = False,
+        stream: TextIO | None = None,
+        interval_s: float = 60.0,
+        clock=time.time,
+    ):
         self.log_path, self.verbose, self.interval_s, self.clock = log_path, verbose, interval_s, clock
         self._stream = stream or sys.stdout
         self._saved_fds: tuple[int, int] | None = None
@@ -164,8 +170,15 @@ class ProgressLine:
         dt = self._last_update - t0
         return (self.done - d0) / dt if dt > 0.5 and self.done > d0 else None
 
-    def update(self, done: float, *, rate: float | None = None, loss: float | None = None,
-               world: int | None = None, note: str | None = None) -> None:
+    def update(
+        self,
+        done: float,
+        *,
+        rate: float | None = None,
+        loss: float | None = None,
+        world: int | None = None,
+        note: str | None = None,
+    ) -> None:
         if self._closed:
             return
         now = self.console.clock()

@@ -41,8 +41,22 @@ SCHEMA_DIR = PROJECT_ROOT / "kubernetes" / "schemas"
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|KEY_ID|CREDENTIAL", re.I)
 GPU = "nvidia.com/gpu"
-_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-          "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, "m": 1e-3, "": 1}
+_UNITS = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "m": 1e-3,
+    "": 1,
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -91,8 +105,13 @@ def _groups(cluster: dict) -> list[tuple[str, dict, int | None]]:
     out = [("head", cluster.get("headGroupSpec") or {}, 1)]
     for i, g in enumerate(cluster.get("workerGroupSpecs") or []):
         hi = g.get("maxReplicas")
-        out.append((f"workerGroupSpecs[{i}] ({g.get('groupName')})", g,
-                    hi if isinstance(hi, int) and not isinstance(hi, bool) else None))
+        out.append(
+            (
+                f"workerGroupSpecs[{i}] ({g.get('groupName')})",
+                g,
+                hi if isinstance(hi, int) and not isinstance(hi, bool) else None,
+            )
+        )
     return out
 
 
@@ -109,8 +128,11 @@ def ray_shape(group: dict) -> dict:
             return quantity(params[param])
         return quantity(lim[key]) if key in lim else quantity(req.get(key))
 
-    return {"cpus": pick("num-cpus", "cpu"), "gpus": int(pick("num-gpus", GPU) or 0),
-            "memory": quantity(lim.get("memory", req.get("memory")))}
+    return {
+        "cpus": pick("num-cpus", "cpu"),
+        "gpus": int(pick("num-gpus", GPU) or 0),
+        "memory": quantity(lim.get("memory", req.get("memory"))),
+    }
 
 
 def _gpu_pod_checks(cluster: dict, name: str) -> list[str]:
@@ -133,16 +155,22 @@ def _gpu_pod_checks(cluster: dict, name: str) -> list[str]:
         if shape["gpus"] <= 0:
             continue
         mount = next((m for m in c.get("volumeMounts") or [] if m.get("mountPath") == "/dev/shm"), None)
-        volume = next((v for v in spec.get("volumes") or [] if mount and v.get("name") == mount.get("name")), None)
+        volume = next(
+            (v for v in spec.get("volumes") or [] if mount and v.get("name") == mount.get("name")), None
+        )
         empty = (volume or {}).get("emptyDir")
         if not isinstance(empty, dict) or empty.get("medium") != "Memory":
-            errors.append(f"{where}: a GPU pod needs /dev/shm from an emptyDir with medium: Memory (the runtime's "
-                          "64 MiB default starves NCCL and moves Ray's object store to disk)")
+            errors.append(
+                f"{where}: a GPU pod needs /dev/shm from an emptyDir with medium: Memory (the runtime's "
+                "64 MiB default starves NCCL and moves Ray's object store to disk)"
+            )
             continue
         size = quantity(empty.get("sizeLimit"))
         if size is not None and shape["memory"] is not None and size >= shape["memory"]:
-            errors.append(f"{where}: /dev/shm sizeLimit {empty['sizeLimit']} is charged to the memory limit "
-                          f"({shape['memory'] / 2**30:g}Gi): keep it well below")
+            errors.append(
+                f"{where}: /dev/shm sizeLimit {empty['sizeLimit']} is charged to the memory limit "
+                f"({shape['memory'] / 2**30:g}Gi): keep it well below"
+            )
     return errors
 
 
@@ -198,9 +226,11 @@ def _capacity_checks(doc: dict, cluster: dict, name: str) -> list[str]:
             if shape["gpus"] <= 0:
                 continue
             if fit < shape["gpus"]:
-                errors.append(f"{name}: {where}: {shape['gpus']} GPUs per pod but {shape['cpus'] or 0:g} CPUs hold "
-                              f"only {fit} worker(s) of ray.cpus_per_worker={cpw:g} ({preset}): "
-                              f"{shape['gpus'] - fit} GPU(s) per pod idle")
+                errors.append(
+                    f"{name}: {where}: {shape['gpus']} GPUs per pod but {shape['cpus'] or 0:g} CPUs hold "
+                    f"only {fit} worker(s) of ray.cpus_per_worker={cpw:g} ({preset}): "
+                    f"{shape['gpus'] - fit} GPU(s) per pod idle"
+                )
             fit = min(fit, shape["gpus"])
         if fit and hi:
             total += hi * fit
@@ -208,17 +238,30 @@ def _capacity_checks(doc: dict, cluster: dict, name: str) -> list[str]:
     standby = r.standby and cfg.growth.enabled
     need = r.workers_large + (r.workers_small if standby else 0)
     if total < need:
-        what = f"ray.workers_large={r.workers_large}" + (f" + ray.workers_small={r.workers_small} (ray.standby)"
-                                                         if standby else "")
-        errors.append(f"{name}: {preset} needs {need} workers at once ({what}) of {cpw:g} CPU"
-                      + (" + 1 GPU" if r.use_gpu else "") + f" but the worker groups hold at most {total} "
-                      f"({', '.join(parts) or 'none'}): raise maxReplicas or add a group")
+        what = f"ray.workers_large={r.workers_large}" + (
+            f" + ray.workers_small={r.workers_small} (ray.standby)" if standby else ""
+        )
+        errors.append(
+            f"{name}: {preset} needs {need} workers at once ({what}) of {cpw:g} CPU"
+            + (" + 1 GPU" if r.use_gpu else "")
+            + f" but the worker groups hold at most {total} "
+            f"({', '.join(parts) or 'none'}): raise maxReplicas or add a group"
+        )
     t = cfg.tune
-    if t.enabled and t.gpus_per_trial > 0 and not any(
-            hi and ray_shape(g)["gpus"] >= t.gpus_per_trial and (ray_shape(g)["cpus"] or 0) >= t.cpus_per_trial
-            for _, g, hi in groups):
-        errors.append(f"{name}: no group has a pod for a tau probe of {preset} "
-                      f"(tune.cpus_per_trial={t.cpus_per_trial:g}, tune.gpus_per_trial={t.gpus_per_trial:g})")
+    if (
+        t.enabled
+        and t.gpus_per_trial > 0
+        and not any(
+            hi
+            and ray_shape(g)["gpus"] >= t.gpus_per_trial
+            and (ray_shape(g)["cpus"] or 0) >= t.cpus_per_trial
+            for _, g, hi in groups
+        )
+    ):
+        errors.append(
+            f"{name}: no group has a pod for a tau probe of {preset} "
+            f"(tune.cpus_per_trial={t.cpus_per_trial:g}, tune.gpus_per_trial={t.gpus_per_trial:g})"
+        )
     return errors
 
 
@@ -250,7 +293,9 @@ def _ray_checks(doc: dict, name: str) -> list[str]:
     v2 = (cluster.get("autoscalerOptions") or {}).get("version") == "v2"
     for where, pod in _pod_specs(cluster, f"{name}: spec"):
         if v2 and pod.get("restartPolicy") not in (None, "Never"):
-            errors.append(f"{where}: restartPolicy {pod['restartPolicy']!r} breaks autoscaler v2 (use Never or unset)")
+            errors.append(
+                f"{where}: restartPolicy {pod['restartPolicy']!r} breaks autoscaler v2 (use Never or unset)"
+            )
     for where, pod in _pod_specs(doc, name):
         for c in pod["containers"]:
             image = c.get("image", "")
@@ -274,42 +319,95 @@ def _common_checks(doc: dict, name: str) -> list[str]:
         for c in pod["containers"]:
             for e in c.get("env") or []:
                 if SECRET_NAME.search(str(e.get("name", ""))) and "value" in e:
-                    errors.append(f"{where}: env {e['name']} has a plaintext value; use valueFrom.secretKeyRef")
+                    errors.append(
+                        f"{where}: env {e['name']} has a plaintext value; use valueFrom.secretKeyRef"
+                    )
     return errors
 
-# ---- Ray cluster-launcher configs (cluster/*.yaml) -----------------------------------------------------------
 
-# Machines the launcher configs may name: (GPUs, Ray accelerator type, vCPUs, RAM GiB). Ray's AWS provider asks
+# ---- Ray cluster-launcher configs (cluster/*.yaml) ---------------------------------------------------------
+
+# Machines the launcher configs may name: (GPUs, Ray accelerator type, vCPUs, RAM GiB). Ray's AWS provider
+# asks
 # the EC2 API for these at `ray up`; its GCP provider fills in TPUs only. Unknown machines skip these checks.
 MACHINES = {
-    "p5.48xlarge": (8, "H100", 192, 2048), "p5e.48xlarge": (8, "H200", 192, 2048),
-    "p4d.24xlarge": (8, "A100", 96, 1152), "p4de.24xlarge": (8, "A100", 96, 1152),
-    "a3-highgpu-8g": (8, "H100", 208, 1872), "a3-megagpu-8g": (8, "H100", 208, 1872),
-    "a2-highgpu-8g": (8, "A100", 96, 680), "a2-ultragpu-8g": (8, "A100", 96, 1360),
-    "a2-highgpu-1g": (1, "A100", 12, 85), "a3-highgpu-1g": (1, "H100", 26, 234),
-    "m6i.2xlarge": (0, None, 8, 32), "n2-standard-8": (0, None, 8, 32),
+    "p5.48xlarge": (8, "H100", 192, 2048),
+    "p5e.48xlarge": (8, "H200", 192, 2048),
+    "p4d.24xlarge": (8, "A100", 96, 1152),
+    "p4de.24xlarge": (8, "A100", 96, 1152),
+    "a3-highgpu-8g": (8, "H100", 208, 1872),
+    "a3-megagpu-8g": (8, "H100", 208, 1872),
+    "a2-highgpu-8g": (8, "A100", 96, 680),
+    "a2-ultragpu-8g": (8, "A100", 96, 1360),
+    "a2-highgpu-1g": (1, "A100", 12, 85),
+    "a3-highgpu-1g": (1, "H100", 26, 234),
+    "m6i.2xlarge": (0, None, 8, 32),
+    "n2-standard-8": (0, None, 8, 32),
 }
-GCP_ACCELERATORS = {"nvidia-h100-80gb": "H100", "nvidia-h100-mega-80gb": "H100", "nvidia-h200-141gb": "H200",
-                    "nvidia-tesla-a100": "A100", "nvidia-a100-80gb": "A100", "nvidia-l4": "L4",
-                    "nvidia-tesla-t4": "T4", "nvidia-tesla-v100": "V100", "nvidia-b200": "B200"}
+GCP_ACCELERATORS = {
+    "nvidia-h100-80gb": "H100",
+    "nvidia-h100-mega-80gb": "H100",
+    "nvidia-h200-141gb": "H200",
+    "nvidia-tesla-a100": "A100",
+    "nvidia-a100-80gb": "A100",
+    "nvidia-l4": "L4",
+    "nvidia-tesla-t4": "T4",
+    "nvidia-tesla-v100": "V100",
+    "nvidia-b200": "B200",
+}
 # provider keys Ray's code reads beyond those its schema lists (the schema allows any key there)
-EXTRA_PROVIDER_KEYS = {"aws_credentials", "use_external_head_ip", "key_pair", "disable_launch_config_check",
-                       "foreground_node_launch", "worker_liveness_check", "worker_rpc_drain"}
+EXTRA_PROVIDER_KEYS = {
+    "aws_credentials",
+    "use_external_head_ip",
+    "key_pair",
+    "disable_launch_config_check",
+    "foreground_node_launch",
+    "worker_liveness_check",
+    "worker_rpc_drain",
+}
 # Compute Engine instance fields (instances.insert) a node_config may carry, with their JSON types; Ray adds
 # sourceInstanceTemplate. The API documents `scheduling` as an object, not a list.
-GCE_FIELDS = {"machineType": str, "disks": list, "guestAccelerators": list, "scheduling": dict, "metadata": dict,
-              "labels": dict, "tags": dict, "serviceAccounts": list, "networkInterfaces": list, "minCpuPlatform": str,
-              "shieldedInstanceConfig": dict, "reservationAffinity": dict, "resourcePolicies": list,
-              "advancedMachineFeatures": dict, "confidentialInstanceConfig": dict, "networkPerformanceConfig": dict,
-              "canIpForward": bool, "deletionProtection": bool, "description": str, "hostname": str,
-              "sourceInstanceTemplate": str}
-GCE_SCHEDULING = {"onHostMaintenance": {"MIGRATE", "TERMINATE"}, "automaticRestart": bool, "preemptible": bool,
-                  "provisioningModel": {"STANDARD", "SPOT", "FLEX_START"},
-                  "instanceTerminationAction": {"STOP", "DELETE"},
-                  "maxRunDuration": dict, "terminationTime": str, "nodeAffinities": list, "minNodeCpus": int,
-                  "localSsdRecoveryTimeout": dict, "availabilityDomain": int, "onInstanceStopAction": dict}
+GCE_FIELDS = {
+    "machineType": str,
+    "disks": list,
+    "guestAccelerators": list,
+    "scheduling": dict,
+    "metadata": dict,
+    "labels": dict,
+    "tags": dict,
+    "serviceAccounts": list,
+    "networkInterfaces": list,
+    "minCpuPlatform": str,
+    "shieldedInstanceConfig": dict,
+    "reservationAffinity": dict,
+    "resourcePolicies": list,
+    "advancedMachineFeatures": dict,
+    "confidentialInstanceConfig": dict,
+    "networkPerformanceConfig": dict,
+    "canIpForward": bool,
+    "deletionProtection": bool,
+    "description": str,
+    "hostname": str,
+    "sourceInstanceTemplate": str,
+}
+GCE_SCHEDULING = {
+    "onHostMaintenance": {"MIGRATE", "TERMINATE"},
+    "automaticRestart": bool,
+    "preemptible": bool,
+    "provisioningModel": {"STANDARD", "SPOT", "FLEX_START"},
+    "instanceTerminationAction": {"STOP", "DELETE"},
+    "maxRunDuration": dict,
+    "terminationTime": str,
+    "nodeAffinities": list,
+    "minNodeCpus": int,
+    "localSsdRecoveryTimeout": dict,
+    "availabilityDomain": int,
+    "onInstanceStopAction": dict,
+}
 AMI_ID = re.compile(r"ami-[0-9a-f]{8,17}")
-RAY_LATEST_DLAMI = "AWS Deep Learning AMI (Ubuntu 18.04) V71.0"  # ray.autoscaler._private.aws.config.DEFAULT_AMI_NAME
+RAY_LATEST_DLAMI = (
+    "AWS Deep Learning AMI (Ubuntu 18.04) V71.0"  # ray.autoscaler._private.aws.config.DEFAULT_AMI_NAME
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -318,7 +416,9 @@ def _ray_launcher_schema():
 
     spec = importlib.util.find_spec("ray")
     if spec is None or not spec.origin:
-        raise ConfigError("ray is not installed: its cluster schema (ray/autoscaler/ray-schema.json) is needed")
+        raise ConfigError(
+            "ray is not installed: its cluster schema (ray/autoscaler/ray-schema.json) is needed"
+        )
     schema = json.loads((Path(spec.origin).parent / "autoscaler" / "ray-schema.json").read_text())
     return jsonschema.Draft7Validator(schema), set(schema["properties"]["provider"]["properties"])
 
@@ -372,9 +472,11 @@ def _aws_node_config(cfg: dict, where: str) -> list[str]:
             _check_boto(v, shape.members[k], f"{where}.{k}", errors)
     image = str(cfg.get("ImageId", ""))
     if image.lower() in ("", "latest_dlami"):
-        errors.append(f"{where}.ImageId: {image or '(none)'} makes Ray 2.60 use its built-in {RAY_LATEST_DLAMI!r} "
-                      "(CUDA 11.2, no Python >= 3.10: Ray 2.60 cannot install there); use an ami- id or "
-                      "resolve:ssm:/aws/service/deeplearning/ami/x86_64/<DLAMI>/latest/ami-id")
+        errors.append(
+            f"{where}.ImageId: {image or '(none)'} makes Ray 2.60 use its built-in {RAY_LATEST_DLAMI!r} "
+            "(CUDA 11.2, no Python >= 3.10: Ray 2.60 cannot install there); use an ami- id or "
+            "resolve:ssm:/aws/service/deeplearning/ami/x86_64/<DLAMI>/latest/ami-id"
+        )
     elif not (AMI_ID.fullmatch(image) or image.startswith("resolve:ssm:")):
         errors.append(f"{where}.ImageId: {image!r} is neither an ami-... id nor a resolve:ssm: parameter")
     return errors
@@ -388,10 +490,12 @@ def _gcp_node_config(cfg: dict, where: str) -> list[str]:
         if k not in GCE_FIELDS:
             errors.append(f"{where}.{k}: not a Compute Engine instance field")
         elif not isinstance(v, GCE_FIELDS[k]):
-            errors.append(f"{where}.{k}: the Compute Engine API takes a {GCE_FIELDS[k].__name__}, "
-                          f"got {type(v).__name__}")
+            errors.append(
+                f"{where}.{k}: the Compute Engine API takes a {GCE_FIELDS[k].__name__}, "
+                f"got {type(v).__name__}"
+            )
     sched = cfg.get("scheduling")
-    for k, v in (sched.items() if isinstance(sched, dict) else ()):
+    for k, v in sched.items() if isinstance(sched, dict) else ():
         allowed = GCE_SCHEDULING.get(k)
         if allowed is None:
             errors.append(f"{where}.scheduling.{k}: not a Compute Engine scheduling field")
@@ -401,14 +505,21 @@ def _gcp_node_config(cfg: dict, where: str) -> list[str]:
             errors.append(f"{where}.scheduling.{k}: expected a {allowed.__name__}")
     accs = cfg.get("guestAccelerators")
     for i, acc in enumerate(accs if isinstance(accs, list) else []):
-        if not (isinstance(acc, dict) and set(acc) <= {"acceleratorType", "acceleratorCount"}
-                and isinstance(acc.get("acceleratorType"), str) and isinstance(acc.get("acceleratorCount"), int)):
-            errors.append(f"{where}.guestAccelerators[{i}]: expected {{acceleratorType: str, acceleratorCount: int}}")
+        if not (
+            isinstance(acc, dict)
+            and set(acc) <= {"acceleratorType", "acceleratorCount"}
+            and isinstance(acc.get("acceleratorType"), str)
+            and isinstance(acc.get("acceleratorCount"), int)
+        ):
+            errors.append(
+                f"{where}.guestAccelerators[{i}]: expected {{acceleratorType: str, acceleratorCount: int}}"
+            )
     return errors
 
 
 def _hardware(provider: str, cfg: dict, where: str, errors: list[str]):
-    """(GPUs, accelerator, vCPUs, RAM GiB) of a node_config, None where unknown: the machine's own (table), else
+    """(GPUs, accelerator, vCPUs, RAM GiB) of a node_config, None where unknown: the machine's own (table),
+    else
     what GCP guestAccelerators attach; attached accelerators that contradict the machine are an error."""
     machine = cfg.get("InstanceType") if provider == "aws" else cfg.get("machineType")
     gpus, acc, vcpus, ram = MACHINES.get(str(machine), (None, None, None, None))
@@ -417,8 +528,10 @@ def _hardware(provider: str, cfg: dict, where: str, errors: list[str]):
         n = sum(a["acceleratorCount"] for a in accs if isinstance(a.get("acceleratorCount"), int))
         kind = GCP_ACCELERATORS.get(str(accs[0].get("acceleratorType")))
         if gpus is not None and (n != gpus or (kind and acc and kind != acc)):
-            errors.append(f"{where}: guestAccelerators attach {n} x {accs[0].get('acceleratorType')} but {machine} "
-                          f"comes with {gpus} x {acc}")
+            errors.append(
+                f"{where}: guestAccelerators attach {n} x {accs[0].get('acceleratorType')} but {machine} "
+                f"comes with {gpus} x {acc}"
+            )
         if gpus is None:
             gpus, acc = n, kind
     return gpus, acc, vcpus, ram
@@ -433,8 +546,10 @@ def check_launcher_config(path: str | Path, cfg: dict | None = None) -> list[str
         except (OSError, yaml.YAMLError) as e:
             return [f"{path}: cannot read YAML ({e})"]
     validator, provider_keys = _ray_launcher_schema()
-    errors = [f"{path}: {'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message} (Ray's cluster schema)"
-              for e in sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))]
+    errors = [
+        f"{path}: {'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message} (Ray's cluster schema)"
+        for e in sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    ]
     if errors:
         return errors
     provider = cfg["provider"]
@@ -460,20 +575,29 @@ def check_launcher_config(path: str | Path, cfg: dict | None = None) -> list[str
         declared = res.get("GPU")
         if gpus:
             if declared is None:
-                why = ("Ray's GCP provider fills in TPU resources only, so GPU demand never matches this type"
-                       if kind == "gcp" else "Ray fills it in only where it can call the EC2 API; declared, the "
-                       "config says what it launches and is checkable offline")
-                errors.append(f"{where}: {machine} has {gpus} GPUs but resources declare none ({why}): "
-                              f"resources: {{CPU: ..., GPU: {gpus}}}")
+                why = (
+                    "Ray's GCP provider fills in TPU resources only, so GPU demand never matches this type"
+                    if kind == "gcp"
+                    else "Ray fills it in only where it can call the EC2 API; declared, the "
+                    "config says what it launches and is checkable offline"
+                )
+                errors.append(
+                    f"{where}: {machine} has {gpus} GPUs but resources declare none ({why}): "
+                    f"resources: {{CPU: ..., GPU: {gpus}}}"
+                )
             elif declared != gpus:
                 errors.append(f"{where}: resources GPU: {declared} but {machine} has {gpus}")
             for key in res:
                 if key.startswith("accelerator_type:") and acc and key != f"accelerator_type:{acc}":
                     errors.append(f"{where}: resources {key} but {machine} carries {acc}")
             if kind == "gcp" and "CPU" not in res:
-                errors.append(f"{where}: declare CPU too (Ray's GCP provider fills in nothing for GPU machines)")
+                errors.append(
+                    f"{where}: declare CPU too (Ray's GCP provider fills in nothing for GPU machines)"
+                )
             sched = node_cfg.get("scheduling")
-            if kind == "gcp" and not (isinstance(sched, dict) and sched.get("onHostMaintenance") == "TERMINATE"):
+            if kind == "gcp" and not (
+                isinstance(sched, dict) and sched.get("onHostMaintenance") == "TERMINATE"
+            ):
                 errors.append(f"{where}: GPU VMs need scheduling: {{onHostMaintenance: TERMINATE}}")
             if nt.get("max_workers", cfg.get("max_workers", 1)) > 0 and name != head:
                 launchable[name] = acc or str(machine)
@@ -484,18 +608,26 @@ def check_launcher_config(path: str | Path, cfg: dict | None = None) -> list[str
         if ram is not None and res.get("memory", 0) > ram * 2**30:
             errors.append(f"{where}: resources memory {res['memory']} exceeds {machine}'s {ram} GiB")
     if len(set(launchable.values())) > 1:
-        errors.append(f"{path}: GPU node types of different models can launch ({launchable}): the autoscaler "
-                      "picks by utilisation, so one phase could mix them; set max_workers: 0 on all but one model")
+        errors.append(
+            f"{path}: GPU node types of different models can launch ({launchable}): the autoscaler "
+            "picks by utilisation, so one phase could mix them; set max_workers: 0 on all but one model"
+        )
     for remote, local in (cfg.get("file_mounts") or {}).items():
         if str(local).rstrip("/") in (".", "") and ".gitignore" not in (cfg.get("rsync_filter") or []):
-            errors.append(f"{path}: file_mounts {remote}: {local!r} syncs the whole checkout (.venv, data/, runs/): "
-                          "add rsync_filter: [.gitignore]")
+            errors.append(
+                f"{path}: file_mounts {remote}: {local!r} syncs the whole checkout (.venv, data/, runs/): "
+                "add rsync_filter: [.gitignore]"
+            )
     return errors
 
 
 def is_launcher_config(doc) -> bool:
-    return isinstance(doc, dict) and "provider" in doc and "kind" not in doc and (
-        "cluster_name" in doc or "available_node_types" in doc)
+    return (
+        isinstance(doc, dict)
+        and "provider" in doc
+        and "kind" not in doc
+        and ("cluster_name" in doc or "available_node_types" in doc)
+    )
 
 
 def check_manifest(path: str | Path, schema_dir: str | Path = SCHEMA_DIR) -> list[str]:
@@ -514,7 +646,9 @@ def check_manifest(path: str | Path, schema_dir: str | Path = SCHEMA_DIR) -> lis
         if doc.get("kind") in ("RayJob", "RayCluster"):
             if doc.get("apiVersion") != "ray.io/v1":
                 errors.append(f"{name}: apiVersion must be ray.io/v1")
-            for err in sorted(_validator(doc["kind"], str(schema_dir)).iter_errors(doc), key=lambda e: list(e.path)):
+            for err in sorted(
+                _validator(doc["kind"], str(schema_dir)).iter_errors(doc), key=lambda e: list(e.path)
+            ):
                 loc = ".".join(str(p) for p in err.absolute_path) or "(root)"
                 errors.append(f"{name}: {loc}: {err.message}")
             errors += _ray_checks(doc, name)
@@ -523,8 +657,12 @@ def check_manifest(path: str | Path, schema_dir: str | Path = SCHEMA_DIR) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m progrow_ray.deploy_check", description=__doc__.splitlines()[0])
-    parser.add_argument("manifests", nargs="+", help="Kubernetes manifests and/or Ray cluster-launcher configs")
+    parser = argparse.ArgumentParser(
+        prog="python -m progrow_ray.deploy_check", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "manifests", nargs="+", help="Kubernetes manifests and/or Ray cluster-launcher configs"
+    )
     parser.add_argument("--schema-dir", default=str(SCHEMA_DIR))
     args = parser.parse_args(argv)
     errors = [e for m in args.manifests for e in check_manifest(m, args.schema_dir)]

@@ -26,14 +26,21 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "smoke.yaml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m progrow_ray.pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m progrow_ray.pipeline", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--config", default=None, help=f"YAML preset (default: {DEFAULT_CONFIG.name})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     parser.add_argument("--out", help="output directory or s3:// prefix (overrides `out`)")
     parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's, Tune's and the workers' own output on the console (else: in the log file)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, Tune's and the workers' own output on the console (else: in the log file)",
+    )
     return parser.parse_args(argv)
 
 

@@ -28,7 +28,7 @@ def plan(cfg: PipelineConfig, taus: list[float], gpu: str, mfu: float, t_mix_tok
     require(gpu in GPU_PEAK_TFLOPS, f"--gpu must be one of {sorted(GPU_PEAK_TFLOPS)}, got {gpu!r}")
     require(0 < mfu <= 1, f"--mfu must be in (0, 1], got {mfu}")
     target = cfg.target_model_config()
-    kw = {"seq_len": cfg.data.seq_len} if hasattr(target, "block_size") else {}
+    kw = {"seq_len": cfg.data.seq_len, "image_size": cfg.data.image_size}
     total = cfg.train.total_tokens
     rows = plan_savings(target, cfg.growth.source_depth, total, taus, **kw)
     paper_rows = plan_savings(target, cfg.growth.source_depth, total, taus, convention="paper", **kw)
@@ -36,19 +36,39 @@ def plan(cfg: PipelineConfig, taus: list[float], gpu: str, mfu: float, t_mix_tok
     sched = cfg.schedule_fn()
     source_flops, target_flops = cfg.flops_per_unit()
     out = {
-        "name": cfg.name, "units": "images" if not kw else "tokens", "total_units": total,
-        "source_flops_per_unit": source_flops, "target_flops_per_unit": target_flops,
-        "gpu": gpu, "mfu": mfu, "decay_starts_at": sched.stable_end_tokens / total,
-        "rows": [{"tau_frac": r.tau_frac, "progressive_flops": r.progressive_flops, "fixed_flops": r.fixed_flops,
-                  "flops_fraction": r.flops_fraction, "speedup": r.speedup,
-                  "flops_fraction_paper": pr.flops_fraction, "speedup_paper": pr.speedup,
-                  "gpu_hours": r.progressive_flops / rate / 3600, "fixed_gpu_hours": r.fixed_flops / rate / 3600,
-                  "valid": r.tau_frac * total < sched.stable_end_tokens} for r, pr in zip(rows, paper_rows)],
+        "name": cfg.name,
+        "units": f"{target.unit}s",
+        "total_units": total,
+        "source_flops_per_unit": source_flops,
+        "target_flops_per_unit": target_flops,
+        "gpu": gpu,
+        "mfu": mfu,
+        "decay_starts_at": sched.stable_end_tokens / total,
+        "rows": [
+            {
+                "tau_frac": r.tau_frac,
+                "progressive_flops": r.progressive_flops,
+                "fixed_flops": r.fixed_flops,
+                "flops_fraction": r.flops_fraction,
+                "speedup": r.speedup,
+                "flops_fraction_paper": pr.flops_fraction,
+                "speedup_paper": pr.speedup,
+                "gpu_hours": r.progressive_flops / rate / 3600,
+                "fixed_gpu_hours": r.fixed_flops / rate / 3600,
+                "valid": r.tau_frac * total < sched.stable_end_tokens,
+            }
+            for r, pr in zip(rows, paper_rows)
+        ],
     }
     if t_mix_tokens is not None:
-        p = plan_tau(MixResult(True, t_mix_tokens, None, None, 0.0), total_tokens=total,
-                     warmup_tokens=sched.warmup_tokens, stable_end_tokens=sched.stable_end_tokens,
-                     small_flops_per_token=out["source_flops_per_unit"], large_flops_per_token=out["target_flops_per_unit"])
+        p = plan_tau(
+            MixResult(True, t_mix_tokens, None, None, 0.0),
+            total_tokens=total,
+            warmup_tokens=sched.warmup_tokens,
+            stable_end_tokens=sched.stable_end_tokens,
+            small_flops_per_token=out["source_flops_per_unit"],
+            large_flops_per_token=out["target_flops_per_unit"],
+        )
         out["tau_plan"] = p.to_dict()
     return out
 
@@ -66,23 +86,35 @@ def main(argv: list[str] | None = None) -> int:
     taus = [float(t) for t in args.taus.split(",")]
     p = plan(cfg, taus, args.gpu, args.mfu, args.t_mix)
     u = p["units"]
-    print(f"{p['name']}: {p['total_units']:,} {u}; {p['source_flops_per_unit']:.3e} (source) vs "
-          f"{p['target_flops_per_unit']:.3e} (target) training FLOPs per {u[:-1]}")
-    print(f"GPU-hours on {args.gpu} at {args.mfu:.0%} MFU ({GPU_PEAK_TFLOPS[args.gpu]:.0f} TF/s dense bf16 peak)\n")
+    print(
+        f"{p['name']}: {p['total_units']:,} {u}; {p['source_flops_per_unit']:.3e} (source) vs "
+        f"{p['target_flops_per_unit']:.3e} (target) training FLOPs per {u[:-1]}"
+    )
+    print(
+        f"GPU-hours on {args.gpu} at {args.mfu:.0%} MFU ({GPU_PEAK_TFLOPS[args.gpu]:.0f} TF/s dense bf16 "
+        f"peak)\n"
+    )
     fixed = p["rows"][0]
     print("FLOPs fraction and speedup of progressive vs fixed-size training under two counts:")
     print("  full   head + attention included: what the GPU executes (GPU-hours use it)")
     print("  paper  the paper's eq. 1.1: 6 x non-embedding parameters per token (its Figure 1 '5x')\n")
     print(f"{'':>6} {'':>11} {'---- full ----':>18} {'--- paper ---':>17}")
-    print(f"{'tau/T':>6} {'FLOPs':>11} {'fraction':>9} {'speedup':>8} {'fraction':>9} {'speedup':>7} "
-          f"{'GPU-hours':>10} {'saved GPU-h':>12}")
-    print(f"{'fixed':>6} {fixed['fixed_flops']:>11.3e} {1:>9.1%} {1:>7.2f}x {1:>9.1%} {1:>6.2f}x "
-          f"{fixed['fixed_gpu_hours']:>10,.0f} {0:>12,.0f}")
+    print(
+        f"{'tau/T':>6} {'FLOPs':>11} {'fraction':>9} {'speedup':>8} {'fraction':>9} {'speedup':>7} "
+        f"{'GPU-hours':>10} {'saved GPU-h':>12}"
+    )
+    print(
+        f"{'fixed':>6} {fixed['fixed_flops']:>11.3e} {1:>9.1%} {1:>7.2f}x {1:>9.1%} {1:>6.2f}x "
+        f"{fixed['fixed_gpu_hours']:>10,.0f} {0:>12,.0f}"
+    )
     for r in p["rows"]:
         note = "" if r["valid"] else "  (no stable phase left to mix in: mixing fails, paper §5.2)"
-        print(f"{r['tau_frac']:>6.2f} {r['progressive_flops']:>11.3e} {r['flops_fraction']:>9.1%} {r['speedup']:>7.2f}x "
-              f"{r['flops_fraction_paper']:>9.1%} {r['speedup_paper']:>6.2f}x "
-              f"{r['gpu_hours']:>10,.0f} {r['fixed_gpu_hours'] - r['gpu_hours']:>12,.0f}{note}")
+        print(
+            f"{r['tau_frac']:>6.2f} {r['progressive_flops']:>11.3e} {r['flops_fraction']:>9.1%} "
+            f"{r['speedup']:>7.2f}x "
+            f"{r['flops_fraction_paper']:>9.1%} {r['speedup_paper']:>6.2f}x "
+            f"{r['gpu_hours']:>10,.0f} {r['fixed_gpu_hours'] - r['gpu_hours']:>12,.0f}{note}"
+        )
     if "tau_plan" in p:
         print(f"\nwith t_mix = {args.t_mix:,} {u}: {p['tau_plan']['verdict']}")
     return 0

@@ -63,12 +63,18 @@ def plot_lines(runs: dict[str, list[dict]], x: str) -> PlotData:
             color = next(colors)
             name = label if len(phases) == 1 else f"{label} {phase['name']} (depth {_depth(phase['depth'])})"
             for key, style, short in LOSS_KEYS:
-                pts = [(e[x], e[key]) for e in events if e.get(key) is not None and e.get("event") in ("train", "eval")]
+                pts = [
+                    (e[x], e[key])
+                    for e in events
+                    if e.get(key) is not None and e.get("event") in ("train", "eval")
+                ]
                 if key in last_point and pts:
                     pts.insert(0, last_point[key])
                 if pts:
                     last_point[key] = pts[-1]
-                    data.lines.append(Line(f"{name} {short}", style, [p[0] for p in pts], [p[1] for p in pts], color))
+                    data.lines.append(
+                        Line(f"{name} {short}", style, [p[0] for p in pts], [p[1] for p in pts], color)
+                    )
             for e in events:
                 if e.get("event") == "expand":
                     data.markers.append((f"{label} τ", e[x]))
@@ -87,8 +93,16 @@ def render_png(data: PlotData, title: str) -> bytes:
 
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=100)
     for line in data.lines:
-        ax.plot(line.x, line.y, line.style, color=line.color, label=line.label, lw=1.2,
-                marker="o" if line.style == "-" else None, ms=2.5)
+        ax.plot(
+            line.x,
+            line.y,
+            line.style,
+            color=line.color,
+            label=line.label,
+            lw=1.2,
+            marker="o" if line.style == "-" else None,
+            ms=2.5,
+        )
     for label, xv in data.markers:
         ax.axvline(xv, color="grey", lw=0.9, ls=":", label=label)
     ax.set_xlabel("tokens" if data.x == "tokens" else "training FLOPs")
@@ -112,34 +126,54 @@ def t_mix_text(search: dict, total_tokens: int) -> str:
         return "not measured (no τ search ran)"
     cap = search.get("cap_tokens")
     within = f" within the {fmt_count(cap)}-token probes" if cap else ""
-    return f"the expanded model did not catch up with the fixed-size one{within}, so no mixing time was measured"
+    return (
+        f"the expanded model did not catch up with the fixed-size one{within}, so no mixing time was measured"
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
     s, p, b = report["tau_search"], report["progressive"], report.get("baseline")
     total = report["config"]["train"]["total_tokens"]
     o = report["overheads"]
-    lines = [f"# progrow_ray report: {report['config']['name']}", "",
-             f"**Verdict:** {s['verdict']}", "",
-             f"- Mixing: {t_mix_text(s, total)}.",
-             f"- τ: {s['tau_tokens']:,} of {total:,} tokens ({s['tau_tokens'] / total:.0%})" if s.get("expand")
-             else f"- τ: none, the target model trained from the start ({total:,} tokens)",
-             f"- τ search cost: {s['search_flops']:.3e} FLOPs ({o['search_flops_fraction']:.1%} of the main run)",
-             f"- Phase switch: {o['phase_switch_s']:.1f} s" if o["phase_switch_s"] is not None else "- Phase switch: -", "",
-             "| phase | depth | workers | global batch (tokens) | tokens | FLOPs | final train loss |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# progrow_ray report: {report['config']['name']}",
+        "",
+        f"**Verdict:** {s['verdict']}",
+        "",
+        f"- Mixing: {t_mix_text(s, total)}.",
+        f"- τ: {s['tau_tokens']:,} of {total:,} tokens ({s['tau_tokens'] / total:.0%})"
+        if s.get("expand")
+        else f"- τ: none, the target model trained from the start ({total:,} tokens)",
+        f"- τ search cost: {s['search_flops']:.3e} FLOPs ({o['search_flops_fraction']:.1%} of the main run)",
+        f"- Phase switch: {o['phase_switch_s']:.1f} s"
+        if o["phase_switch_s"] is not None
+        else "- Phase switch: -",
+        "",
+        "| phase | depth | workers | global batch (tokens) | tokens | FLOPs | final train loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for ph in report["phases"]:
-        lines.append(f"| {ph['name']} | {ph['depth']} | {ph['workers']} | {ph['global_batch_tokens']:,} | "
-                     f"{ph['tokens']:,} | {ph['flops']:.3e} | {ph['final_train_loss']:.4f} |")
-    lines += ["", "| run | final val loss | FLOPs |", "|---|---|---|",
-              f"| progressive | {p['final_val_loss']:.4f} | {p['flops']:.3e} |"]
+        lines.append(
+            f"| {ph['name']} | {ph['depth']} | {ph['workers']} | {ph['global_batch_tokens']:,} | "
+            f"{ph['tokens']:,} | {ph['flops']:.3e} | {ph['final_train_loss']:.4f} |"
+        )
+    lines += [
+        "",
+        "| run | final val loss | FLOPs |",
+        "|---|---|---|",
+        f"| progressive | {p['final_val_loss']:.4f} | {p['flops']:.3e} |",
+    ]
     if b:
         lines.append(f"| fixed-size baseline | {b['final_val_loss']:.4f} | {b['flops']:.3e} |")
     sv = report.get("savings")
     if sv:
-        lines += ["", f"FLOPs fraction (progressive / baseline): **{sv['flops_fraction']:.1%}** counting every matmul "
-                      f"(head and attention included), **{sv['flops_fraction_paper']:.1%}** as the paper's eq. 1.1 counts "
-                      f"(6 x non-embedding parameters per token); final val loss gap: **{sv['loss_gap_rel']:+.2%}**"]
+        lines += [
+            "",
+            f"FLOPs fraction (progressive / baseline): **{sv['flops_fraction']:.1%}** counting every matmul "
+            f"(head and attention included), **{sv['flops_fraction_paper']:.1%}** as the paper's eq. 1.1 "
+            f"counts "
+            f"(6 x non-embedding parameters per token); final val loss gap: **{sv['loss_gap_rel']:+.2%}**",
+        ]
     if report.get("horizon_note"):
         lines += ["", f"**Why no saving here:** {report['horizon_note']}"]
     lines += ["", "![loss vs tokens](loss_vs_tokens.png)", "", "![loss vs FLOPs](loss_vs_flops.png)", ""]
@@ -206,18 +240,30 @@ def build_report(cfg, search, phases: list, baseline, lr_search, mlflow: MlflowR
         fixed_cfg = dataclasses.replace(cfg, growth=dataclasses.replace(cfg.growth, enabled=False))
         main_cfg = cfg if len(phases) > 1 else fixed_cfg
         paper = main_cfg.run_flops("paper", tau_tokens=search.tau_tokens) / fixed_cfg.run_flops("paper")
-        savings = Savings(prog_flops / base.flops, paper,
-                          (progressive.final_val_loss - base.final_val_loss) / base.final_val_loss)
+        savings = Savings(
+            prog_flops / base.flops,
+            paper,
+            (progressive.final_val_loss - base.final_val_loss) / base.final_val_loss,
+        )
     grown = len(phases) > 1
     from .engine.config import to_dict
 
     return Report(
-        config=to_dict(cfg), tau_search=search.report_section(),
-        lr_search=lr_search.to_json() if lr_search else None, horizon_note=no_saving_reason(cfg, search),
-        phases=[p.report_row() for p in phases], progressive=progressive, baseline=base, savings=savings,
-        overheads=Overheads(last.phase_switch_s if grown else None, last.phase_switch_breakdown if grown else None,
-                            search.search_flops / prog_flops),
-        mlflow=mlflow)
+        config=to_dict(cfg),
+        tau_search=search.report_section(),
+        lr_search=lr_search.to_json() if lr_search else None,
+        horizon_note=no_saving_reason(cfg, search),
+        phases=[p.report_row() for p in phases],
+        progressive=progressive,
+        baseline=base,
+        savings=savings,
+        overheads=Overheads(
+            last.phase_switch_s if grown else None,
+            last.phase_switch_breakdown if grown else None,
+            search.search_flops / prog_flops,
+        ),
+        mlflow=mlflow,
+    )
 
 
 def report_files(report: Report, cfg, phases: list, baseline) -> dict[str, bytes]:
@@ -230,7 +276,9 @@ def report_files(report: Report, cfg, phases: list, baseline) -> dict[str, bytes
     }
     runs = plot_runs(phases, baseline)
     for x in ("tokens", "flops"):
-        files[f"loss_vs_{x}.png"] = render_png(plot_lines(runs, x), f"{cfg.name}: loss vs {x if x == 'tokens' else 'FLOPs'}")
+        files[f"loss_vs_{x}.png"] = render_png(
+            plot_lines(runs, x), f"{cfg.name}: loss vs {x if x == 'tokens' else 'FLOPs'}"
+        )
     return files
 
 
@@ -256,16 +304,22 @@ def no_saving_reason(cfg, search) -> str | None:
     small, large = cfg.flops_per_unit()
     depth_share = 1 - small / large
     mix = search.mix or {}
-    measured = (f"within the probes' {search.cap_tokens:,} tokens the target model beat the source model by only "
-                f"{mix['depth_advantage_rel']:.1%}" if mix.get("depth_advantage_rel") is not None and search.cap_tokens
-                else "the probes measured no mixing")
+    measured = (
+        f"within the probes' {search.cap_tokens:,} tokens the target model beat the source model by only "
+        f"{mix['depth_advantage_rel']:.1%}"
+        if mix.get("depth_advantage_rel") is not None and search.cap_tokens
+        else "the probes measured no mixing"
+    )
     vocab = getattr(cfg.target_model_config(), "vocab_size", None)
     rest = f"embeddings and the {vocab:,}-token head" if vocab else "the stem and the head"
-    return (f"the layers are {depth_share:.0%} of this model's training FLOPs (the rest is {rest}), "
-            f"so growing depth can save at most that share "
-            f"of the compute before τ, and {measured}; a saving needs depth to dominate the FLOPs (a wider, deeper "
-            f"model) and a horizon well past the mixing time (the paper measures ≈{PAPER_T_MIX_TOKENS / 1e9:.0f}B "
-            f"tokens for GPT-2 1 -> 12 layers), not {cfg.train.total_tokens:,} tokens")
+    return (
+        f"the layers are {depth_share:.0%} of this model's training FLOPs (the rest is {rest}), "
+        f"so growing depth can save at most that share "
+        f"of the compute before τ, and {measured}; a saving needs depth to dominate the FLOPs (a wider, "
+        f"deeper model) and a horizon well past the mixing time (the paper measures "
+        f"≈{PAPER_T_MIX_TOKENS / 1e9:.0f}B "
+        f"tokens for GPT-2 1 -> 12 layers), not {cfg.train.total_tokens:,} tokens"
+    )
 
 
 def summary_table(report: dict, report_uri: str) -> str:
@@ -274,17 +328,38 @@ def summary_table(report: dict, report_uri: str) -> str:
     if report.get("horizon_note"):
         rows.append(("why", report["horizon_note"]))
     for p in report["phases"]:
-        rows.append((p["name"], f"depth {p['depth']}, {p['workers']} worker(s), batch {p['global_batch_tokens']:,} tokens, "
-                                f"{p['tokens']:,} tokens, train loss {p['final_train_loss']:.4f}"))
-    rows.append(("progressive", f"val loss {report['progressive']['final_val_loss']:.4f}, FLOPs {report['progressive']['flops']:.3e}"))
+        rows.append(
+            (
+                p["name"],
+                f"depth {p['depth']}, {p['workers']} worker(s), batch {p['global_batch_tokens']:,} tokens, "
+                f"{p['tokens']:,} tokens, train loss {p['final_train_loss']:.4f}",
+            )
+        )
+    rows.append(
+        (
+            "progressive",
+            f"val loss {report['progressive']['final_val_loss']:.4f}, FLOPs "
+            f"{report['progressive']['flops']:.3e}",
+        )
+    )
     if report["baseline"]:
         b, s = report["baseline"], report["savings"]
         rows.append(("baseline", f"val loss {b['final_val_loss']:.4f}, FLOPs {b['flops']:.3e}"))
-        rows.append(("savings", f"FLOPs fraction {s['flops_fraction']:.1%} ({s['flops_fraction_paper']:.1%} as the paper "
-                                f"counts: non-embedding weights), val loss gap {s['loss_gap_rel']:+.2%}"))
+        rows.append(
+            (
+                "savings",
+                f"FLOPs fraction {s['flops_fraction']:.1%} ({s['flops_fraction_paper']:.1%} as the paper "
+                f"counts: non-embedding weights), val loss gap {s['loss_gap_rel']:+.2%}",
+            )
+        )
     o = report["overheads"]
-    rows.append(("overheads", f"search {o['search_flops_fraction']:.1%} of FLOPs, phase switch "
-                              + (f"{o['phase_switch_s']:.1f} s" if o["phase_switch_s"] is not None else "-")))
+    rows.append(
+        (
+            "overheads",
+            f"search {o['search_flops_fraction']:.1%} of FLOPs, phase switch "
+            + (f"{o['phase_switch_s']:.1f} s" if o["phase_switch_s"] is not None else "-"),
+        )
+    )
     rows.append(("report", report_uri))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -12,10 +12,11 @@ import sys
 
 from .cli import run_cli
 from .data.prepare import prepare_run_data
-from .engine.config import PIPELINE_SECTIONS, RunConfig, load_run_config
+from .engine.config import RunConfig
 from .engine.faults import faults_from_env, maybe_inject_fault
 from .engine.trainer import NonFiniteLossError, RunResult, Trainer, default_manager, run_dir
 from .integrations.storage import filesystem
+from .orchestration.config import load_single_run
 
 
 def metrics_writer(cfg: RunConfig):
@@ -34,8 +35,15 @@ def metrics_writer(cfg: RunConfig):
 def summary_lines(result: RunResult, cfg: RunConfig) -> list[str]:
     rows = [
         ("run", cfg.name),
-        ("depth", f"{result.depth}" + (f" (expanded at {result.expanded_at_tokens:,} tokens)"
-                                        if result.expanded_at_tokens is not None else "")),
+        (
+            "depth",
+            f"{result.depth}"
+            + (
+                f" (expanded at {result.expanded_at_tokens:,} tokens)"
+                if result.expanded_at_tokens is not None
+                else ""
+            ),
+        ),
         ("tokens", f"{result.tokens:,}"),
         ("steps", f"{result.step:,}"),
         ("train FLOPs", f"{result.flops:.3e}"),
@@ -51,13 +59,15 @@ def summary_lines(result: RunResult, cfg: RunConfig) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m progrow_ray.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML preset, e.g. jobs/smoke.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     parser.add_argument("--out", help="output directory (overrides `out`)")
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of this run")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
-    cfg = load_run_config(args.config, overrides, ignore_sections=PIPELINE_SECTIONS)
+    cfg = load_single_run(args.config, overrides)
     prepare_run_data(cfg.data)
     resume = None
     if not args.fresh:

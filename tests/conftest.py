@@ -9,9 +9,26 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-CORPUS_MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "csv.py", "fractions.py",
-                  "heapq.py", "bisect.py", "shlex.py", "glob.py", "fnmatch.py", "colorsys.py", "calendar.py",
-                  "statistics.py", "difflib.py", "pprint.py", "ipaddress.py", "argparse.py"]
+CORPUS_MODULES = [
+    "json/decoder.py",
+    "json/encoder.py",
+    "textwrap.py",
+    "string.py",
+    "csv.py",
+    "fractions.py",
+    "heapq.py",
+    "bisect.py",
+    "shlex.py",
+    "glob.py",
+    "fnmatch.py",
+    "colorsys.py",
+    "calendar.py",
+    "statistics.py",
+    "difflib.py",
+    "pprint.py",
+    "ipaddress.py",
+    "argparse.py",
+]
 
 
 @pytest.fixture
@@ -38,5 +55,7 @@ def prepared(text_corpus, tmp_path_factory) -> str:
     from progrow_ray.data.prepare import PrepareSettings, prepare
 
     out = tmp_path_factory.mktemp("tokens") / "corpus"
-    prepare(str(text_corpus), str(out), PrepareSettings(val_fraction=0.15), progress=False, log=lambda _: None)
+    prepare(
+        str(text_corpus), str(out), PrepareSettings(val_fraction=0.15), progress=False, log=lambda _: None
+    )
     return str(out)

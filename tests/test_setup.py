@@ -17,8 +17,15 @@ def local_cpu_wheels(version: str) -> list[Path]:
 def test_cpu_machines_get_the_cpu_build_of_torch():
     import torch
 
-    pinned = (Path(__file__).resolve().parents[1] / "constraints-cpu.txt").read_text().split("torch==")[1].split()[0]
+    pinned = (
+        (Path(__file__).resolve().parents[1] / "constraints-cpu.txt")
+        .read_text()
+        .split("torch==")[1]
+        .split()[0]
+    )
     if shutil.which("nvidia-smi") or not local_cpu_wheels(pinned) or not sys.prefix.endswith(".venv"):
         pytest.skip("only where `make setup` had a local CPU wheel of torch to take")
     assert torch.__version__ == f"{pinned}+cpu", torch.__version__
-    assert not list(Path(sys.prefix).glob("lib/python*/site-packages/nvidia")), "CUDA libraries were installed"
+    assert not list(Path(sys.prefix).glob("lib/python*/site-packages/nvidia")), (
+        "CUDA libraries were installed"
+    )

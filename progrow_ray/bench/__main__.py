@@ -1,6 +1,7 @@
 """Benchmarks that report ratios against a reference measured in the same run.
 
-``python -m progrow_ray.bench throughput --device cpu --model tiny [--optimizer adamw|muon_nsgd|both] [--json]``
+``python -m progrow_ray.bench throughput --device cpu --model tiny [--optimizer adamw|muon_nsgd|both]
+[--json]``
     Tokens/s (and MFU on CUDA) of the engine's train step vs a nanoGPT-style reference loop in this
     file's sibling ``reference.py``; interleaved repeats, medians.
 
@@ -22,7 +23,6 @@ import torch
 
 from ..cli import run_cli
 from ..core.errors import require
-from ..core.flops import train_flops_per_token
 from ..core.models import GPTConfig, build_model
 from ..core.optim import build_optimizer, set_lr
 from ..core.schedule import WSD, step_lr
@@ -51,8 +51,10 @@ def _fused_ok(device: torch.device) -> bool:
 def reference_optimizer(model: torch.nn.Module, device: torch.device):
     """nanoGPT's configure_optimizers: decay >= 2-D, lr 6e-4, betas (0.9, 0.95), fused where available."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=_fused_ok(device))
 
 
@@ -70,7 +72,7 @@ def throughput(args) -> dict:
     pool = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1)) for _ in range(4)]
     batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in pool]
     tokens_per_step = args.batch * args.seq
-    schedule = WSD(10 ** 12)
+    schedule = WSD(10**12)
 
     runners = {}
     optimizers = ["adamw", "muon_nsgd"] if args.optimizer == "both" else [args.optimizer]
@@ -111,20 +113,29 @@ def throughput(args) -> dict:
     rates: dict[str, list[float]] = {k: [] for k in runners}
     order = list(runners)
     for r in range(args.repeats):  # interleaved, alternating order, so drift hits everyone alike
-        for k in (order if r % 2 == 0 else order[::-1]):
+        for k in order if r % 2 == 0 else order[::-1]:
             rates[k].append(timed(runners[k], args.steps))
     med = {k: statistics.median(v) for k, v in rates.items()}
     main = f"engine:{optimizers[-1] if args.optimizer != 'both' else 'adamw'}"
-    flops_per_token = train_flops_per_token(cfg, args.seq)
+    flops_per_token = cfg.train_flops_per_unit(seq_len=args.seq)
     peak = args.peak_tflops * 1e12 if device.type == "cuda" else None
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": args.model, "optimizer": args.optimizer, "batch": args.batch, "seq": args.seq, "accum": args.accum,
-        "compile": compile_, "dtype": "bfloat16" if device.type == "cuda" and args.dtype != "float32" else args.dtype,
-        "tokens_per_s": med[main], "reference_tokens_per_s": med["reference"], "ratio": med[main] / med["reference"],
+        "model": args.model,
+        "optimizer": args.optimizer,
+        "batch": args.batch,
+        "seq": args.seq,
+        "accum": args.accum,
+        "compile": compile_,
+        "dtype": "bfloat16" if device.type == "cuda" and args.dtype != "float32" else args.dtype,
+        "tokens_per_s": med[main],
+        "reference_tokens_per_s": med["reference"],
+        "ratio": med[main] / med["reference"],
         "mfu": (med[main] * flops_per_token / peak) if peak else None,
         "reference_mfu": (med["reference"] * flops_per_token / peak) if peak else None,
-        "flops_per_token": flops_per_token, "repeats": args.repeats, "steps_per_repeat": args.steps,
+        "flops_per_token": flops_per_token,
+        "repeats": args.repeats,
+        "steps_per_repeat": args.steps,
         "torch": torch.__version__,
     }
     if args.optimizer == "both":
@@ -134,12 +145,12 @@ def throughput(args) -> dict:
 
 
 def savings(args) -> dict:
-    from ..engine.config import PIPELINE_SECTIONS, load_run_config
-    from ..engine.trainer import Trainer
     from ..data.prepare import prepare_run_data
+    from ..engine.trainer import Trainer
+    from ..orchestration.config import load_single_run
 
     taus = [float(t) for t in args.taus.split(",")]
-    base = load_run_config(args.config, args.set + [f"out={args.out}"], ignore_sections=PIPELINE_SECTIONS)
+    base = load_single_run(args.config, args.set + [f"out={args.out}"])
     prepare_run_data(base.data, log=lambda _: None)
 
     def one(name: str, **growth) -> dict:
@@ -152,8 +163,14 @@ def savings(args) -> dict:
     rows = []
     for tau in taus:
         r = one(f"savings-tau{tau:g}", enabled=True, tau_frac=tau, tau_tokens=None)
-        rows.append({"tau_frac": tau, **r, "loss_gap_rel": (r["val_loss"] - fixed["val_loss"]) / fixed["val_loss"],
-                     "flops_fraction": r["flops"] / fixed["flops"]})
+        rows.append(
+            {
+                "tau_frac": tau,
+                **r,
+                "loss_gap_rel": (r["val_loss"] - fixed["val_loss"]) / fixed["val_loss"],
+                "flops_fraction": r["flops"] / fixed["flops"],
+            }
+        )
     return {"config": args.config, "fixed": fixed, "progressive": rows}
 
 
@@ -172,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--warmup", type=int, default=3)
-    t.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (H100 measured: 790)")
+    t.add_argument(
+        "--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (H100 measured: 790)"
+    )
     t.add_argument("--json", action="store_true")
     s = sub.add_parser("savings", help="fixed vs progressive through the engine, per tau")
     s.add_argument("--config", default="jobs/smoke.yaml")
@@ -192,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fixed-size: val loss {f['val_loss']:.4f}, FLOPs {f['flops']:.3e}")
         print(f"{'tau/T':>6} {'val loss':>9} {'gap':>8} {'FLOPs':>7}")
         for r in result["progressive"]:
-            print(f"{r['tau_frac']:>6.2f} {r['val_loss']:>9.4f} {r['loss_gap_rel']:>+8.2%} {r['flops_fraction']:>7.1%}")
+            print(
+                f"{r['tau_frac']:>6.2f} {r['val_loss']:>9.4f} {r['loss_gap_rel']:>+8.2%} "
+                f"{r['flops_fraction']:>7.1%}"
+            )
     return 0
 
 

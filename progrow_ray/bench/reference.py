@@ -53,7 +53,7 @@ def reference_step(model, optimizer, x, y, accum: int, autocast):
     micro = x.size(0) // accum
     for i in range(accum):
         with autocast():
-            _, loss = model(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro])
+            _, loss = model(x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro])
         (loss / accum).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

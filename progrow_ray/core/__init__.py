@@ -10,7 +10,23 @@ from .optim import MuonNSGD, build_optimizer, newton_schulz, sync_param_groups
 from .schedule import WSD, Cosine, make_schedule, step_lr
 
 __all__ = [
-    "ConfigError", "METHODS", "GrowthRecord", "Origin", "check_expansion", "expand_depth", "layout",
-    "build_model", "make_config", "model_kind", "unwrap_model", "MuonNSGD", "build_optimizer",
-    "newton_schulz", "sync_param_groups", "WSD", "Cosine", "make_schedule", "step_lr",
+    "ConfigError",
+    "METHODS",
+    "GrowthRecord",
+    "Origin",
+    "check_expansion",
+    "expand_depth",
+    "layout",
+    "build_model",
+    "make_config",
+    "model_kind",
+    "unwrap_model",
+    "MuonNSGD",
+    "build_optimizer",
+    "newton_schulz",
+    "sync_param_groups",
+    "WSD",
+    "Cosine",
+    "make_schedule",
+    "step_lr",
 ]

@@ -67,12 +67,19 @@ def spectral_report(model: nn.Module, prefix: str = "") -> list[SpectralRow]:
                 W, fan_out, fan_in, role = torch.diag(p.detach().float()), p.numel(), p.numel(), "norm"
             else:
                 layout = layouts[p]
-                W, fan_out, fan_in, role = layout.matrices(p.detach().float()), layout.fan_out, layout.fan_in, layout.role
+                W, fan_out, fan_in, role = (
+                    layout.matrices(p.detach().float()),
+                    layout.fan_out,
+                    layout.fan_in,
+                    layout.role,
+                )
             if role == "embedding":  # one-hot inputs: ||W e_i|| is column i's norm
                 sigma = W.norm(dim=-2).max().item()
             else:
                 sigma = torch.linalg.matrix_norm(W, ord=2).max().item()
-            rows.append(SpectralRow(name, tuple(p.shape), fan_in, fan_out, sigma, (fan_out / fan_in) ** 0.5, role))
+            rows.append(
+                SpectralRow(name, tuple(p.shape), fan_in, fan_out, sigma, (fan_out / fan_in) ** 0.5, role)
+            )
     return rows
 
 

@@ -66,13 +66,19 @@ def layout(method: str, source: int, target: int) -> list[Origin]:
     if method not in METHODS:
         raise ConfigError(f"growth.method must be one of {list(METHODS)}, got {method!r}")
     if target < source:
-        raise ConfigError(f"target depth {target} is below the source depth {source}: growth only adds layers")
+        raise ConfigError(
+            f"target depth {target} is below the source depth {source}: growth only adds layers"
+        )
     if method in COPYING and source == 0 and target > 0:
-        raise ConfigError(f"growth.method={method!r} cannot copy from a 0-layer model (paper Table 2): "
-                          "use 'random' (the recipe's choice) or 'zero'")
+        raise ConfigError(
+            f"growth.method={method!r} cannot copy from a 0-layer model (paper Table 2): "
+            "use 'random' (the recipe's choice) or 'zero'"
+        )
     if method == "copying" and source > 1:
-        raise ConfigError(f"growth.method='copying' is ambiguous from {source} layers: choose "
-                          "'copying_stack', 'copying_inter' or 'copying_last' (paper §3.3)")
+        raise ConfigError(
+            f"growth.method='copying' is ambiguous from {source} layers: choose "
+            "'copying_stack', 'copying_inter' or 'copying_last' (paper §3.3)"
+        )
     kept = [Origin(i, "kept", i) for i in range(source)]
     if method in ("random", "zero"):
         return kept + [Origin(i, method) for i in range(source, target)]
@@ -120,9 +126,15 @@ def check_expansion(model: nn.Module, target, method: str) -> dict[str, int]:
 
 
 @torch.no_grad()
-def expand_depth(model: nn.Module, target, method: str = "random", *,
-                 optimizer: torch.optim.Optimizer | None = None, copy_optimizer_state: bool = False,
-                 generator_seed: int | None = None) -> GrowthRecord:
+def expand_depth(
+    model: nn.Module,
+    target,
+    method: str = "random",
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    copy_optimizer_state: bool = False,
+    generator_seed: int | None = None,
+) -> GrowthRecord:
     """Expand ``model`` in place to ``target`` depth (int, or 4 ints for a ResNet) with ``method``.
 
     Old blocks are the same module objects afterwards (possibly at new positions), so their
@@ -156,7 +168,9 @@ def expand_depth(model: nn.Module, target, method: str = "random", *,
                     for p_new, p_src in zip(block.parameters(), old[o.source].parameters()):
                         copied_from[p_new] = p_src
                 else:
-                    block = model.new_block(name, o.position, targets[name]).to(device=ref.device, dtype=ref.dtype)
+                    block = model.new_block(name, o.position, targets[name]).to(
+                        device=ref.device, dtype=ref.dtype
+                    )
                     if o.kind == "zero":
                         zero_(block)
                 new_list.append(block)
@@ -166,8 +180,12 @@ def expand_depth(model: nn.Module, target, method: str = "random", *,
             record.origins[name] = origins
     model.set_group_depths(model.group_depths())
     record.new_parameters = sum(
-        p.numel() for name, blocks in model.depth_groups().items()
-        for o, b in zip(record.origins[name], blocks) if o.kind != "kept" for p in b.parameters())
+        p.numel()
+        for name, blocks in model.depth_groups().items()
+        for o, b in zip(record.origins[name], blocks)
+        if o.kind != "kept"
+        for p in b.parameters()
+    )
     if optimizer is not None:
         sync_param_groups(optimizer, model, copied_from if copy_optimizer_state else None)
     return record
@@ -179,5 +197,8 @@ def _check_block_kinds(model: ExpandableModel, group: str, origins: list[Origin]
     for o in origins:
         if o.source is not None and model.block_kind(group, o.source) != model.block_kind(group, o.position):
             raise ConfigError(
-                f"cannot place {group}[{o.source}] ({model.block_kind(group, o.source)}) at position {o.position} "
-                f"({model.block_kind(group, o.position)}): use growth.method='random', or a model whose blocks are all alike")
+                f"cannot place {group}[{o.source}] ({model.block_kind(group, o.source)}) at position "
+                f"{o.position} "
+                f"({model.block_kind(group, o.position)}): use growth.method='random', or a model whose "
+                f"blocks are all alike"
+            )

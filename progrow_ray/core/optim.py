@@ -50,7 +50,9 @@ def muon_scale_factor(layout: MatrixLayout, convention: str) -> float:
     raise ConfigError(f"optimizer.muon_scale must be one of {list(MUON_SCALES)}, got {convention!r}")
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def newton_schulz(
+    G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """Approximately orthogonalise the last two dims of ``G`` (batched over leading dims): pushes
     every singular value towards 1, keeping the singular vectors."""
     a, b, c = NS_COEFFICIENTS
@@ -84,17 +86,39 @@ class MuonNSGD(torch.optim.Optimizer):
     ``nesterov`` / ``nsgd_nesterov``: the momentum form of the Muon / NSGD groups.
     """
 
-    def __init__(self, params, lr: float = 0.01, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.1, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
-                 eps: float = 1e-7, muon_scale: str = "jordan", nsgd_nesterov: bool = False,
-                 layouts: Mapping[torch.Tensor, MatrixLayout] | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.01,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.1,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype | None = None,
+        eps: float = 1e-7,
+        muon_scale: str = "jordan",
+        nsgd_nesterov: bool = False,
+        layouts: Mapping[torch.Tensor, MatrixLayout] | None = None,
+    ):
         require(lr >= 0, f"optimizer.lr must be >= 0, got {lr}")
         require(0 <= momentum < 1, f"optimizer.momentum must be in [0, 1), got {momentum}")
         require(weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {weight_decay}")
         require(ns_steps >= 1, f"optimizer.ns_steps must be >= 1, got {ns_steps}")
-        require(muon_scale in MUON_SCALES, f"optimizer.muon_scale must be one of {list(MUON_SCALES)}, got {muon_scale!r}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        ns_steps=ns_steps, eps=eps, muon_scale=muon_scale, kind=None, family="muon_nsgd")
+        require(
+            muon_scale in MUON_SCALES,
+            f"optimizer.muon_scale must be one of {list(MUON_SCALES)}, got {muon_scale!r}",
+        )
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            eps=eps,
+            muon_scale=muon_scale,
+            kind=None,
+            family="muon_nsgd",
+        )
         params = list(params)
         if params and isinstance(params[0], dict):  # a group's own "nesterov" wins
             params = [{"nesterov": nsgd_nesterov, **g} if g.get("kind") == "nsgd" else g for g in params]
@@ -103,11 +127,17 @@ class MuonNSGD(torch.optim.Optimizer):
         self.layouts: dict[torch.Tensor, MatrixLayout] = dict(layouts or {})
         for group in self.param_groups:
             if group["kind"] is None:  # plain parameter list: split it the standard way
-                require(all(p.ndim >= 2 for p in group["params"]) or all(p.ndim < 2 for p in group["params"]),
-                        "MuonNSGD: pass parameter groups from param_groups(model, 'muon_nsgd'), or give each group a 'kind'")
+                require(
+                    all(p.ndim >= 2 for p in group["params"]) or all(p.ndim < 2 for p in group["params"]),
+                    "MuonNSGD: pass parameter groups from param_groups(model, 'muon_nsgd'), or give each "
+                    "group a 'kind'",
+                )
                 group["kind"] = "muon" if group["params"] and group["params"][0].ndim >= 2 else "nsgd"
                 group["nesterov"] = nesterov if group["kind"] == "muon" else nsgd_nesterov
-            require(group["kind"] in ("muon", "nsgd"), f"MuonNSGD group kind must be 'muon' or 'nsgd', got {group['kind']!r}")
+            require(
+                group["kind"] in ("muon", "nsgd"),
+                f"MuonNSGD group kind must be 'muon' or 'nsgd', got {group['kind']!r}",
+            )
 
         # what this optimizer was built with: a checkpoint's param groups must not override them on load
         self._forms = {g["kind"]: {k: g[k] for k in ("nesterov", "muon_scale")} for g in self.param_groups}
@@ -170,6 +200,7 @@ class MuonNSGD(torch.optim.Optimizer):
 
 # ---- parameter groups ----------------------------------------------------------------------------
 
+
 def classify(family: str, name: str, p: torch.Tensor) -> str:
     """Which group of ``family`` a parameter belongs to. Embeddings are matrices too: Muon (paper)."""
     if family == "muon_nsgd":
@@ -186,23 +217,44 @@ def kinds_of(family: str) -> tuple[str, str]:
 def param_groups(model: nn.Module, family: str, **group_options) -> list[dict]:
     """All trainable parameters of ``model`` in model order, split by ``classify``; every kind gets
     a group even when empty (a 0-layer model's first block brings the first of some kind)."""
-    groups = {kind: {"params": [], "kind": kind, "family": family, **group_options} for kind in kinds_of(family)}
+    groups = {
+        kind: {"params": [], "kind": kind, "family": family, **group_options} for kind in kinds_of(family)
+    }
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups[classify(family, name, p)]["params"].append(p)
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, name: str = "muon_nsgd", lr: float = 0.01, weight_decay: float = 0.1,
-                    momentum: float = 0.95, betas: tuple[float, float] = (0.9, 0.95), ns_steps: int = 5,
-                    ns_dtype: torch.dtype | None = None, fused: bool | None = None, muon_scale: str = "jordan",
-                    nesterov: bool = True, nsgd_nesterov: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    name: str = "muon_nsgd",
+    lr: float = 0.01,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    betas: tuple[float, float] = (0.9, 0.95),
+    ns_steps: int = 5,
+    ns_dtype: torch.dtype | None = None,
+    fused: bool | None = None,
+    muon_scale: str = "jordan",
+    nesterov: bool = True,
+    nsgd_nesterov: bool = False,
+) -> torch.optim.Optimizer:
     """``muon_nsgd`` (paper default: lr 0.01, wd 0.1) or ``adamw`` (paper's comparison: lr 1e-3).
     AdamW decays only >= 2-D tensors (nanoGPT); Muon-NSGD decays all, as the paper writes it."""
     if name == "muon_nsgd":
-        return MuonNSGD(param_groups(model, name), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        ns_steps=ns_steps, ns_dtype=ns_dtype, muon_scale=muon_scale, nesterov=nesterov,
-                        nsgd_nesterov=nsgd_nesterov, layouts=matrix_layouts(model))
+        return MuonNSGD(
+            param_groups(model, name),
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
+            muon_scale=muon_scale,
+            nesterov=nesterov,
+            nsgd_nesterov=nsgd_nesterov,
+            layouts=matrix_layouts(model),
+        )
     if name == "adamw":
         groups = param_groups(model, name)
         for g in groups:
@@ -213,8 +265,11 @@ def build_optimizer(model: nn.Module, name: str = "muon_nsgd", lr: float = 0.01,
     raise ConfigError(f"optimizer.name must be one of {list(FAMILIES)}, got {name!r}")
 
 
-def sync_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module,
-                      copied_from: Mapping[torch.Tensor, torch.Tensor] | None = None) -> int:
+def sync_param_groups(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    copied_from: Mapping[torch.Tensor, torch.Tensor] | None = None,
+) -> int:
     """Make ``optimizer`` cover exactly ``model``'s parameters after a depth expansion.
 
     Old parameters keep their state (momentum, Adam moments) untouched; new ones start fresh, or,
@@ -225,8 +280,10 @@ def sync_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module,
     """
     groups = {g.get("kind"): g for g in optimizer.param_groups}
     family = optimizer.param_groups[0].get("family")
-    require(family in FAMILIES and set(groups) == set(kinds_of(family)),
-            "sync_param_groups needs an optimizer from progrow_ray.core.optim.build_optimizer")
+    require(
+        family in FAMILIES and set(groups) == set(kinds_of(family)),
+        "sync_param_groups needs an optimizer from progrow_ray.core.optim.build_optimizer",
+    )
     before = {p for g in optimizer.param_groups for p in g["params"]}
     lists: dict[str, list] = {kind: [] for kind in groups}
     for name, p in model.named_parameters():
@@ -241,11 +298,12 @@ def sync_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module,
         optimizer.layouts = matrix_layouts(model)
     for new, src in (copied_from or {}).items():
         if new in now and src in optimizer.state:
-            optimizer.state[new] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[src].items()}
+            optimizer.state[new] = {
+                k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[src].items()
+            }
     return len(now - before)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
-

@@ -33,9 +33,14 @@ class WSD:
         require(self.total_tokens > 0, f"schedule total tokens must be > 0, got {self.total_tokens}")
         require(0 <= self.warmup_frac < 1, f"schedule.warmup_frac must be in [0, 1), got {self.warmup_frac}")
         require(0 < self.decay_frac <= 1, f"schedule.decay_frac must be in (0, 1], got {self.decay_frac}")
-        require(self.warmup_frac + self.decay_frac <= 1,
-                f"schedule.warmup_frac + decay_frac must be <= 1, got {self.warmup_frac} + {self.decay_frac}")
-        require(self.decay_shape in DECAY_SHAPES, f"schedule.decay_shape must be one of {list(DECAY_SHAPES)}, got {self.decay_shape!r}")
+        require(
+            self.warmup_frac + self.decay_frac <= 1,
+            f"schedule.warmup_frac + decay_frac must be <= 1, got {self.warmup_frac} + {self.decay_frac}",
+        )
+        require(
+            self.decay_shape in DECAY_SHAPES,
+            f"schedule.decay_shape must be one of {list(DECAY_SHAPES)}, got {self.decay_shape!r}",
+        )
         require(0 <= self.final_frac <= 1, f"schedule.final_frac must be in [0, 1], got {self.final_frac}")
 
     @property
@@ -96,8 +101,14 @@ def decay_curve(shape: str, progress: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_schedule(name: str, total_tokens: int, warmup_frac: float = 0.02, decay_frac: float = 0.1,
-                  decay_shape: str = "linear", final_frac: float = 0.0):
+def make_schedule(
+    name: str,
+    total_tokens: int,
+    warmup_frac: float = 0.02,
+    decay_frac: float = 0.1,
+    decay_shape: str = "linear",
+    final_frac: float = 0.0,
+):
     require(name in ("wsd", "cosine"), f"schedule.name must be 'wsd' or 'cosine', got {name!r}")
     if name == "wsd":
         return WSD(total_tokens, warmup_frac, decay_frac, decay_shape, final_frac)

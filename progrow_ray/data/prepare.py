@@ -170,6 +170,11 @@ def prepare(source: str, dst: str, settings: PrepareSettings = PrepareSettings()
 
 def prepare_run_data(data, log: Callable[[str], None] = print) -> dict:
     """The shards a run's ``data`` section (``engine.config.DataSection``) names, tokenised from its
-    ``source`` when they are missing or stale; a no-op when they are up to date."""
+    ``source`` when they are missing or stale; a no-op when they are up to date, and for generated
+    images (nothing to prepare: they are made as training reads them)."""
+    from .images import SYNTHETIC_IMAGES
+
+    if data.source == SYNTHETIC_IMAGES:
+        return {}
     settings = PrepareSettings(data.val_fraction, max_source_bytes=data.max_source_bytes)
     return prepare(data.source, data.uri, settings, log=log)

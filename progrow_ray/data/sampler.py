@@ -152,3 +152,30 @@ def eval_batches(shards: TokenShards, seq_len: int, max_tokens: int, micro_batch
     starts = [(k * n_available // n) * seq_len for k in range(n)][rank::world_size]
     for i in range(0, len(starts), micro_batch):
         yield _to_batch([shards.window(s, seq_len + 1) for s in starts[i: i + micro_batch]])
+
+
+class TokenData:
+    """The Trainer's data for language models: the train split through the sampler, a fixed set of
+    validation windows. Counts in tokens: one example (a window) is ``seq_len`` units."""
+
+    def __init__(self, uri: str, seq_len: int, seed: int, verify: bool = True, cache_dir: str | None = None):
+        self.train = TokenShards(uri, "train", verify, cache_dir)
+        self.val = TokenShards(uri, "val", verify, cache_dir)
+        self.sampler = SequenceSampler(self.train, seq_len, seed)
+        self.units_per_example = seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.train.vocab_size
+
+    def next_batch(self, global_examples: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sampler.next_batch(global_examples, rank, world_size)
+
+    def eval_batches(self, max_units: int, micro_batch: int, rank: int = 0, world_size: int = 1):
+        return eval_batches(self.val, self.units_per_example, max_units, micro_batch, rank, world_size)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)

@@ -4,5 +4,13 @@ from .checkpoint import CheckpointError, CheckpointManager, read_checkpoint, wri
 from .config import RunConfig, load_run_config
 from .trainer import NonFiniteLossError, Trainer
 
-__all__ = ["CheckpointError", "CheckpointManager", "read_checkpoint", "write_checkpoint", "RunConfig",
-           "load_run_config", "NonFiniteLossError", "Trainer"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "read_checkpoint",
+    "write_checkpoint",
+    "RunConfig",
+    "load_run_config",
+    "NonFiniteLossError",
+    "Trainer",
+]

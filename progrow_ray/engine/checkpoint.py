@@ -53,7 +53,9 @@ def write_checkpoint(uri: str, files: dict[str, Any]) -> str:
     local = storage.is_local(fs)
     staging = uri  # remotely in place; locally under a temporary name, renamed into place at the end
     if local:
-        staging = os.path.join(os.path.dirname(path.rstrip("/")), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        staging = os.path.join(
+            os.path.dirname(path.rstrip("/")), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}"
+        )
     for name, data in [*blobs.items(), (MANIFEST, json.dumps(manifest, indent=1).encode())]:
         storage.write_bytes(f"{staging}/{name}", data)  # remote writes retry (storage.with_retries)
     if local:
@@ -85,7 +87,9 @@ def read_checkpoint(uri: str, names: list[str] | None = None) -> dict[str, Any]:
         except FileNotFoundError as e:
             raise CheckpointError(f"checkpoint {uri}: {name} is missing") from e
         if hashlib.sha256(data).hexdigest() != digest:
-            raise CheckpointError(f"checkpoint {uri}: {name} does not match its sha256 (corrupted or partial)")
+            raise CheckpointError(
+                f"checkpoint {uri}: {name} does not match its sha256 (corrupted or partial)"
+            )
         out[name] = _decode(name, data)
     return out
 
@@ -109,7 +113,7 @@ class CheckpointManager:
 
     def save(self, step: int, files: dict[str, Any]) -> str:
         uri = write_checkpoint(self.uri(step), files)
-        for old in self._steps()[self.keep:]:
+        for old in self._steps()[self.keep :]:
             self.fs.rm(f"{self.path}/step_{old:08d}", recursive=True)
         return uri
 

@@ -34,11 +34,21 @@ def faults_from_env():
     return json.loads(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
 
 
-def maybe_inject_fault(faults, phase: str, rank: int, tokens: int, role: str | None = None,
-                       corrupt: Callable[[], str | None] | None = None) -> None:
-    for fault in ([faults] if isinstance(faults, dict) else faults or []):
-        if (fault.get("phase") != phase or fault.get("rank", 0) != rank or tokens < fault["at_tokens"]
-                or fault.get("role", role) != role):
+def maybe_inject_fault(
+    faults,
+    phase: str,
+    rank: int,
+    tokens: int,
+    role: str | None = None,
+    corrupt: Callable[[], str | None] | None = None,
+) -> None:
+    for fault in [faults] if isinstance(faults, dict) else faults or []:
+        if (
+            fault.get("phase") != phase
+            or fault.get("rank", 0) != rank
+            or tokens < fault["at_tokens"]
+            or fault.get("role", role) != role
+        ):
             continue
         marker = fault["marker"]
         if os.path.exists(marker):
@@ -46,7 +56,11 @@ def maybe_inject_fault(faults, phase: str, rank: int, tokens: int, role: str | N
         time.sleep(fault.get("delay_s", 0))
         damaged = corrupt() if fault.get("action") == "corrupt_latest" and corrupt is not None else None
         with open(marker + ".tmp", "w") as fh:
-            fh.write(json.dumps({"phase": phase, "rank": rank, "tokens": tokens, "pid": os.getpid(), "damaged": damaged}))
+            fh.write(
+                json.dumps(
+                    {"phase": phase, "rank": rank, "tokens": tokens, "pid": os.getpid(), "damaged": damaged}
+                )
+            )
         os.replace(marker + ".tmp", marker)
         if fault.get("action") == "hold":
             hold()

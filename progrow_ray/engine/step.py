@@ -23,8 +23,15 @@ def autocast_for(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               accum: int, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    accum: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> torch.Tensor:
     """Forward/backward ``accum`` equal micro-batches of this rank's ``x``/``y``, then step. Trains on
     the model's loss plus its ``auxiliary_loss()`` (MoE router losses); returns the mean micro-batch
     language-model loss (a device tensor), without them."""
@@ -41,7 +48,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with ctx:
             with autocast():
-                _, loss = model(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro])
+                _, loss = model(x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro])
             objective = loss if auxiliary is None else loss + auxiliary()
             (objective / accum).backward()
         total += loss.detach()

@@ -1,7 +1,8 @@
 """The training loop for fixed-size and progressive runs, in one process or one DDP rank.
 
-Everything is indexed by tokens: the schedule position, the expansion point τ, evaluation and
-checkpoint cadence. So phase 2 may run on more workers with a larger global batch and continue
+Everything is indexed by tokens (images for ResNet: the data source, ``data/run_data.py``, decides):
+the schedule position, the expansion point τ, evaluation and checkpoint cadence. So phase 2 may run on
+more workers with a larger global batch and continue
 exactly where phase 1 stopped. No Ray here: the Ray layer passes hooks (``wrap_model``,
 ``save_checkpoint``, ``on_metrics``) and otherwise runs this same loop on every worker.
 """
@@ -18,12 +19,11 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import require
-from ..core.flops import train_flops_per_unit
 from ..core.growth import expand_depth
 from ..core.models import build_model, make_config, model_kind
 from ..core.optim import build_optimizer, set_lr
 from ..core.schedule import step_lr
-from ..data.sampler import SequenceSampler, TokenShards, eval_batches
+from ..data.run_data import open_run_data
 from .checkpoint import CheckpointManager
 from .config import RunConfig, check_batch, to_dict
 from .step import autocast_for, train_step
@@ -47,6 +47,7 @@ class Progress:
     train_loss: float | None = None
     val_loss: float | None = None
     val_loss_tokens: int | None = None
+    val_accuracy: float | None = None  # image models (top-1 on the validation images)
 
 
 @dataclass(frozen=True)
@@ -63,48 +64,57 @@ class RunResult:
     train_loss: float | None
     val_loss: float | None
     val_loss_tokens: int | None
+    val_accuracy: float | None
     checkpoint: str | None  # where the last checkpoint went (None when the save hook keeps no path)
     wall_s: float
     finished: bool  # reached train.total_tokens (not only a phase boundary)
 
 
 def model_state(model) -> dict:
-    return {"kind": model_kind(model.config), **{k: (list(v) if isinstance(v, tuple) else v)
-                                                 for k, v in dataclasses.asdict(model.config).items()}}
+    return {
+        "kind": model_kind(model.config),
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model.config).items()},
+    }
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
-        require(torch.cuda.is_available(), "train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        index = dist.get_rank() % torch.cuda.device_count() if dist.is_initialized() else torch.cuda.current_device()
+        require(
+            torch.cuda.is_available(), "train.device=cuda but no CUDA device is visible; use train.device=cpu"
+        )
+        index = (
+            dist.get_rank() % torch.cuda.device_count()
+            if dist.is_initialized()
+            else torch.cuda.current_device()
+        )
         return torch.device("cuda", index)
     return torch.device(name)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, device: torch.device | None = None,
-                 wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 save_checkpoint: SaveFn | None = None, resume: dict | None = None,
-                 on_metrics: MetricsFn | None = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        device: torch.device | None = None,
+        wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        save_checkpoint: SaveFn | None = None,
+        resume: dict | None = None,
+        on_metrics: MetricsFn | None = None,
+        log: Callable[[str], None] = print,
+    ):
         self.cfg, self.log, self.on_metrics = cfg, log, on_metrics
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         cfg.validate(world_size=self.world)
-        if cfg.growth.enabled and cfg.growth.batch_tokens_after:
-            check_batch(cfg.growth.batch_tokens_after, self.world, cfg.train.micro_batch, cfg.data.seq_len,
-                        "growth.batch_tokens_after")
         self.device = device or resolve_device(cfg.train.device)
         self.wrap_model = wrap_model
         self.save_fn = save_checkpoint
         self.schedule = cfg.schedule_fn()
-        self.seq_len = cfg.data.seq_len
-
-        self.train_data = TokenShards(cfg.data.uri, "train", cfg.data.verify, cfg.data.cache_dir)
-        self.val_data = TokenShards(cfg.data.uri, "val", cfg.data.verify, cfg.data.cache_dir)
-        self.sampler = SequenceSampler(self.train_data, self.seq_len, cfg.train.seed)
+        self.data = open_run_data(cfg.data, cfg.target_model_config(), cfg.train.seed)
         self.progress = Progress()
         self.history: list[dict] = []  # every metrics event; saved in checkpoints, so restarts keep it
         torch.manual_seed(cfg.train.seed)  # same init on every rank
@@ -115,12 +125,12 @@ class Trainer:
             model_config = make_config(model_fields.pop("kind"), **model_fields)
         else:
             model_config = cfg.source_model_config() if self._expands_later() else cfg.target_model_config()
-        require(model_kind(model_config) != "resnet",
-                "model.kind=resnet trains on images, which this token engine does not read yet; use "
-                "`python -m progrow_ray.plan` to price it, or a language model kind (gpt, moe, llama)")
-        vocab = getattr(model_config, "vocab_size", None)
-        require(vocab is None or vocab >= self.train_data.vocab_size,
-                f"model.vocab_size ({vocab}) is smaller than the tokenizer's ({self.train_data.vocab_size})")
+        if self.data.vocab_size is not None:
+            require(
+                model_config.vocab_size >= self.data.vocab_size,
+                f"model.vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's "
+                f"({self.data.vocab_size})",
+            )
         self.model = build_model(model_config).to(self.device)
         self.optimizer = self._build_optimizer()
         if resume is not None:
@@ -137,9 +147,18 @@ class Trainer:
 
     def _build_optimizer(self):
         o = self.cfg.optimizer
-        return build_optimizer(self.model, o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                               betas=tuple(o.betas), ns_steps=o.ns_steps, muon_scale=o.muon_scale,
-                               nesterov=o.nesterov, nsgd_nesterov=o.nsgd_nesterov)
+        return build_optimizer(
+            self.model,
+            o.name,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            momentum=o.momentum,
+            betas=tuple(o.betas),
+            ns_steps=o.ns_steps,
+            muon_scale=o.muon_scale,
+            nesterov=o.nesterov,
+            nsgd_nesterov=o.nsgd_nesterov,
+        )
 
     def _prepare_step_model(self) -> None:
         """The module the step calls: DDP / Ray-wrapped, then compiled. Redone after expansion."""
@@ -148,7 +167,8 @@ class Trainer:
             m = self.wrap_model(m)
         elif self.distributed:
             m = torch.nn.parallel.DistributedDataParallel(
-                m, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                m, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         if self.cfg.train.compile:
             m = torch.compile(m)
         self.step_model = m
@@ -168,7 +188,7 @@ class Trainer:
             "metrics.json": self.history,
             "state.json": {
                 "progress": dataclasses.asdict(self.progress),
-                "sampler": self.sampler.state_dict(),
+                "sampler": self.data.state_dict(),
                 "model": model_state(self.model),
                 "config": to_dict(self.cfg),
                 "world_size": self.world,
@@ -180,7 +200,7 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         self.model.load_state_dict(files["model.pt"])
         self.optimizer.load_state_dict(files["optimizer.pt"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.data.load_state_dict(state["sampler"])
         self.history = list(files.get("metrics.json", []))
         torch.set_rng_state(files["rng.pt"]["cpu"])
         if self.device.type == "cuda" and "cuda" in files["rng.pt"]:
@@ -206,8 +226,7 @@ class Trainer:
 
     @property
     def depth(self):
-        cfg = self.model.config
-        return list(cfg.blocks) if hasattr(cfg, "blocks") else cfg.n_layer
+        return self.model.config.depth
 
     def _maybe_expand(self) -> None:
         cfg = self.cfg
@@ -216,35 +235,56 @@ class Trainer:
         if not self._expands_later() or done >= len(points) or self.progress.tokens < points[done][0]:
             return
         target_depth = points[done][1]
-        record = expand_depth(self.model, target_depth, cfg.growth.method, optimizer=self.optimizer,
-                              copy_optimizer_state=cfg.growth.copy_optimizer_state,
-                              generator_seed=cfg.train.seed * 1_000_003 + 17 + done)
+        record = expand_depth(
+            self.model,
+            target_depth,
+            cfg.growth.method,
+            optimizer=self.optimizer,
+            copy_optimizer_state=cfg.growth.copy_optimizer_state,
+            generator_seed=cfg.train.seed * 1_000_003 + 17 + done,
+        )
         self.progress.expanded = done + 1 == len(points)
         self.progress.expanded_at_tokens = self.progress.tokens
-        self.progress.growth.append({**record.to_dict(), "tokens": self.progress.tokens, "step": self.progress.step})
+        self.progress.growth.append(
+            {**record.to_dict(), "tokens": self.progress.tokens, "step": self.progress.step}
+        )
         self._prepare_step_model()
-        self.log(f"expanded depth {record.source_depths} -> {record.target_depths} ({cfg.growth.method}) at "
-                 f"{self.progress.tokens:,} tokens; global batch now {self.batch_tokens:,} tokens")
-        self._emit({"event": "expand", "source_depth": record.source_depths, "target_depth": record.target_depths,
-                    "new_parameters": record.new_parameters})
+        self.log(
+            f"expanded depth {record.source_depths} -> {record.target_depths} ({cfg.growth.method}) at "
+            f"{self.progress.tokens:,} tokens; global batch now {self.batch_tokens:,} tokens"
+        )
+        self._emit(
+            {
+                "event": "expand",
+                "source_depth": record.source_depths,
+                "target_depth": record.target_depths,
+                "new_parameters": record.new_parameters,
+            }
+        )
 
     # ---- steps ----------------------------------------------------------------------------------
     def train_step(self) -> None:
         batch_tokens = self.batch_tokens
-        accum = check_batch(batch_tokens, self.world, self.cfg.train.micro_batch, self.seq_len, "global batch")
-        set_lr(self.optimizer, step_lr(self.schedule, self.cfg.optimizer.lr, self.progress.tokens, batch_tokens))
-        x, y = self.sampler.next_batch(batch_tokens // self.seq_len, self.rank, self.world)
-        self._interval_loss += train_step(self.step_model, self.optimizer, x, y, accum, self.device, self._autocast)
+        units = self.data.units_per_example
+        accum = check_batch(batch_tokens, self.world, self.cfg.train.micro_batch, units, "global batch")
+        set_lr(
+            self.optimizer, step_lr(self.schedule, self.cfg.optimizer.lr, self.progress.tokens, batch_tokens)
+        )
+        x, y = self.data.next_batch(batch_tokens // units, self.rank, self.world)
+        self._interval_loss += train_step(
+            self.step_model, self.optimizer, x, y, accum, self.device, self._autocast
+        )
         self.progress.step += 1
         self.progress.tokens += batch_tokens
-        self.progress.flops += train_flops_per_unit(self.model.config, seq_len=self.seq_len) * batch_tokens
+        self.progress.flops += self.cfg.unit_flops(self.model.config) * batch_tokens
         self._interval_steps += 1
 
     def _check_finite(self) -> None:
         if self._interval_steps and not torch.isfinite(self._interval_loss).item():
             raise NonFiniteLossError(
                 f"non-finite training loss by step {self.progress.step} ({self.progress.tokens:,} tokens): "
-                "stopped; the last good checkpoint is kept. Lower optimizer.lr or check the data.")
+                "stopped; the last good checkpoint is kept. Lower optimizer.lr or check the data."
+            )
 
     def _mean_over_ranks(self, value: torch.Tensor) -> float:
         if self.distributed:
@@ -259,9 +299,13 @@ class Trainer:
         loss = self._mean_over_ranks(self._interval_loss / max(self._interval_steps, 1))
         self.progress.train_loss = loss
         seconds = now - self._interval_start
-        metrics = {"event": "train", "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                   "batch_tokens": self.batch_tokens,
-                   "tokens_per_s": (self.progress.tokens - self._interval_tokens) / max(seconds, 1e-9)}
+        metrics = {
+            "event": "train",
+            "train_loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "batch_tokens": self.batch_tokens,
+            "tokens_per_s": (self.progress.tokens - self._interval_tokens) / max(seconds, 1e-9),
+        }
         router = getattr(self.model, "router_metrics", None)
         if router is not None:
             metrics.update(router())
@@ -272,24 +316,40 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for x, y in eval_batches(self.val_data, self.seq_len, self.cfg.train.eval_tokens, self.cfg.train.micro_batch,
-                                 self.rank, self.world):
+        classifier = self.model.config.unit == "image"
+        total = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss x targets, targets, correct
+        for x, y in self.data.eval_batches(
+            self.cfg.train.eval_tokens, self.cfg.train.micro_batch, self.rank, self.world
+        ):
+            x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
-                _, loss = self.model(x.to(self.device), y.to(self.device))
-            total += torch.tensor([loss.item() * x.numel(), x.numel()], device=self.device, dtype=torch.float64)
+                logits, loss = self.model(x, y)
+            correct = (logits.argmax(-1) == y).sum().item() if classifier else 0
+            total += torch.tensor(
+                [loss.item() * y.numel(), y.numel(), correct], device=self.device, dtype=torch.float64
+            )
         if self.distributed:
             dist.all_reduce(total)
         self.model.train()
         val = (total[0] / total[1]).item()
         require(math.isfinite(val), f"non-finite validation loss at {self.progress.tokens:,} tokens")
         self.progress.val_loss, self.progress.val_loss_tokens = val, self.progress.tokens
-        self._emit({"event": "eval", "val_loss": val})
+        metrics = {"event": "eval", "val_loss": val}
+        if classifier:
+            self.progress.val_accuracy = metrics["val_accuracy"] = (total[2] / total[1]).item()
+        self._emit(metrics)
         return val
 
     def _emit(self, metrics: dict) -> None:
         p = self.progress
-        event = {"step": p.step, "tokens": p.tokens, "flops": p.flops, "depth": self.depth, "time": time.time(), **metrics}
+        event = {
+            "step": p.step,
+            "tokens": p.tokens,
+            "flops": p.flops,
+            "depth": self.depth,
+            "time": time.time(),
+            **metrics,
+        }
         self.history.append(event)
         if self.on_metrics is not None:
             self.on_metrics(event)
@@ -315,7 +375,10 @@ class Trainer:
                     bar.set_postfix(depth=self.depth, loss=p.train_loss, refresh=False)
                 if p.step % cfg.train.log_every == 0 or p.tokens >= stop:
                     self._log_interval()
-                if crossed(before, p.tokens, cfg.train.eval_every_tokens) or p.tokens >= cfg.train.total_tokens:
+                if (
+                    crossed(before, p.tokens, cfg.train.eval_every_tokens)
+                    or p.tokens >= cfg.train.total_tokens
+                ):
                     self.evaluate()
                 every = cfg.train.checkpoint_every_tokens
                 if every and crossed(before, p.tokens, every) and p.tokens < stop:
@@ -326,8 +389,13 @@ class Trainer:
         if p.tokens >= cfg.train.total_tokens and p.val_loss_tokens != p.tokens:
             self.evaluate()
         checkpoint = self.save("end" if p.tokens >= cfg.train.total_tokens else "phase")
-        return RunResult(**dataclasses.asdict(p), depth=self.depth, checkpoint=checkpoint,
-                         wall_s=time.perf_counter() - started, finished=p.tokens >= cfg.train.total_tokens)
+        return RunResult(
+            **dataclasses.asdict(p),
+            depth=self.depth,
+            checkpoint=checkpoint,
+            wall_s=time.perf_counter() - started,
+            finished=p.tokens >= cfg.train.total_tokens,
+        )
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -340,4 +408,3 @@ def run_dir(cfg: RunConfig) -> str:
 
 def default_manager(cfg: RunConfig, log=print) -> CheckpointManager:
     return CheckpointManager(f"{run_dir(cfg)}/checkpoints", keep=cfg.train.keep_checkpoints, log=log)
-

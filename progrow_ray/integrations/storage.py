@@ -26,10 +26,23 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..core.errors import ConfigError
 
-RETRY_DELAYS_S = (0.5, 1, 2, 4, 8, 16)  # ~30 s of backoff: rides out an object store restart or a network blip
+RETRY_DELAYS_S = (
+    0.5,
+    1,
+    2,
+    4,
+    8,
+    16,
+)  # ~30 s of backoff: rides out an object store restart or a network blip
 # Transport errors by class name, so that nothing here imports botocore or aiohttp to recognise them.
-TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                   "ClientConnectorError", "ServerDisconnectedError"}
+TRANSIENT_NAMES = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+}
 
 
 def is_s3(uri: str) -> bool:
@@ -59,10 +72,13 @@ def open_file(uri: str, mode: str = "rb"):
 
 # ---- retries --------------------------------------------------------------------------------------
 def is_transient(e: BaseException) -> bool:
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+    if isinstance(
+        e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+    ):
         return False
     return isinstance(e, (ConnectionError, TimeoutError, OSError)) or any(
-        c.__name__ in TRANSIENT_NAMES for c in type(e).__mro__)
+        c.__name__ in TRANSIENT_NAMES for c in type(e).__mro__
+    )
 
 
 def with_retries(op: Callable[[], Any], what: str, delays=RETRY_DELAYS_S, log: Callable[[str], None] = print):
@@ -141,7 +157,7 @@ class RayStorage:
 
     @property
     def path(self) -> str:
-        return self.uri[len("s3://"):].rstrip("/") if is_s3(self.uri) else os.path.abspath(self.uri)
+        return self.uri[len("s3://") :].rstrip("/") if is_s3(self.uri) else os.path.abspath(self.uri)
 
     @property
     def filesystem(self):
@@ -178,8 +194,10 @@ def check_endpoint(timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
     except OSError as e:
-        raise ConfigError(f"S3 endpoint {endpoint} is not reachable ({type(e).__name__}): run storage is not "
-                          "reachable; check the endpoint and credentials in the environment") from None
+        raise ConfigError(
+            f"S3 endpoint {endpoint} is not reachable ({type(e).__name__}): run storage is not "
+            "reachable; check the endpoint and credentials in the environment"
+        ) from None
 
 
 def check_writable(uri: str) -> None:
@@ -191,8 +209,10 @@ def check_writable(uri: str) -> None:
             check_endpoint()
             bucket = path.split("/", 1)[0]
             if not fs.exists(bucket):
-                raise ConfigError(f"out {uri}: S3 bucket {bucket!r} does not exist (or is not visible with these "
-                                  "credentials); create it or point `out` elsewhere")
+                raise ConfigError(
+                    f"out {uri}: S3 bucket {bucket!r} does not exist (or is not visible with these "
+                    "credentials); create it or point `out` elsewhere"
+                )
         else:
             fs.makedirs(path, exist_ok=True)
         with fs.open(probe, "wb") as fh:
@@ -201,6 +221,12 @@ def check_writable(uri: str) -> None:
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - any transport error means "not reachable"
-        where = f" (endpoint {os.environ['AWS_ENDPOINT_URL']})" if is_s3(uri) and os.environ.get("AWS_ENDPOINT_URL") else ""
-        raise ConfigError(f"out {uri}: run storage is not reachable{where}: {type(e).__name__}; check the "
-                          "endpoint and credentials in the environment") from None
+        where = (
+            f" (endpoint {os.environ['AWS_ENDPOINT_URL']})"
+            if is_s3(uri) and os.environ.get("AWS_ENDPOINT_URL")
+            else ""
+        )
+        raise ConfigError(
+            f"out {uri}: run storage is not reachable{where}: {type(e).__name__}; check the "
+            "endpoint and credentials in the environment"
+        ) from None

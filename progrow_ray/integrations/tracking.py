@@ -12,15 +12,28 @@ import os
 import time
 from typing import Any, Callable, Iterable
 
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 # What each engine event logs. MLflow 3.17's charts pair a metric x-axis with a loss by *index* in the
 # metric history, not by step, so every x metric is logged exactly where its loss is: ``flops`` and
 # ``tokens`` with each evaluation (the x of ``val_loss``), ``train_flops`` and ``train_tokens`` with
 # each training interval (the x of ``train_loss``).
 EVENT_METRICS = {
-    "train": {"train_loss": "train_loss", "lr": "lr", "tokens_per_s": "tokens_per_s", "batch_tokens": "batch_tokens",
-              "train_tokens": "tokens", "train_flops": "flops", "moe_aux_loss": "moe_aux_loss",
-              "moe_z_loss": "moe_z_loss", "moe_max_expert_fraction": "moe_max_expert_fraction"},
+    "train": {
+        "train_loss": "train_loss",
+        "lr": "lr",
+        "tokens_per_s": "tokens_per_s",
+        "batch_tokens": "batch_tokens",
+        "train_tokens": "tokens",
+        "train_flops": "flops",
+        "moe_aux_loss": "moe_aux_loss",
+        "moe_z_loss": "moe_z_loss",
+        "moe_max_expert_fraction": "moe_max_expert_fraction",
+    },
     "eval": {"val_loss": "val_loss", "tokens": "tokens", "flops": "flops"},
 }
 
@@ -62,9 +75,16 @@ def view_tag(name: str, x_metric: str, charts: str, now_ms: int) -> str:
     import json
 
     keys = [{"mode": "tag", "groupByData": k} for k in (PIPELINE_TAG, ARM_TAG)]
-    state = {"groupBy": {"aggregateFunction": "average", "groupByKeys": keys},
-             "globalLineChartConfig": {"xAxisKey": "metric", "selectedXAxisMetricKey": x_metric, "lineSmoothness": 0},
-             "chartsSearchFilter": charts, "runsHiddenMode": "SHOW_ALL"}
+    state = {
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": keys},
+        "globalLineChartConfig": {
+            "xAxisKey": "metric",
+            "selectedXAxisMetricKey": x_metric,
+            "lineSmoothness": 0,
+        },
+        "chartsSearchFilter": charts,
+        "runsHiddenMode": "SHOW_ALL",
+    }
     return json.dumps({"name": name, "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)})
 
 
@@ -80,8 +100,10 @@ def default_tracking_uri(explicit: str | None, out: str) -> str:
 
 def comparison_url(ui_base: str, experiment_id: str, view: str = "loss-vs-flops") -> str:
     """The experiment's runs page in chart mode, with the model-training sidebar and a saved view."""
-    return (f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            f"&compareRunsMode=CHART&viewStateShareKey={view}")
+    return (
+        f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&compareRunsMode=CHART&viewStateShareKey={view}"
+    )
 
 
 class Tracker:
@@ -102,21 +124,34 @@ class Tracker:
             try:
                 self._add_views(has_note=exp is not None and "mlflow.note.content" in exp.tags)
             except Exception as e:  # noqa: BLE001  (a server that refuses the tags still tracks runs)
-                self.log(f"warning: MLflow did not take the comparison views ({type(e).__name__}); runs are tracked")
+                self.log(
+                    f"warning: MLflow did not take the comparison views ({type(e).__name__}); runs are "
+                    f"tracked"
+                )
 
     def _add_views(self, has_note: bool) -> None:
         """Mark the experiment as model training (not GenAI) and add the comparison views."""
         now = int(time.time() * 1000)
-        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        self.client.set_experiment_tag(
+            self.experiment_id, "mlflow.experimentKind", "custom_model_development"
+        )
         for i, (key, (name, x, charts)) in enumerate(VIEWS.items()):
-            self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{key}",
-                                           view_tag(name, x, charts, now + i))
+            self.client.set_experiment_tag(
+                self.experiment_id, f"mlflow.sharedViewState.{key}", view_tag(name, x, charts, now + i)
+            )
         if has_note:  # the user's own description stays
             return
-        self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", (
-            "Progressive depth training runs (progrow_ray). Each pipeline is a parent run; the children that carry "
-            f"a whole curve are tagged `{ARM_TAG}` (progressive, baseline, fixed-size, search-<probe>). Open the saved view "
-            f"'{VIEWS['loss-vs-flops'][0]}' (Views menu, chart mode) to compare the arms on compute."))
+        self.client.set_experiment_tag(
+            self.experiment_id,
+            "mlflow.note.content",
+            (
+                "Progressive depth training runs (progrow_ray). Each pipeline is a parent run; the children "
+                "that carry "
+                f"a whole curve are tagged `{ARM_TAG}` (progressive, baseline, fixed-size, search-<probe>). "
+                f"Open the saved view "
+                f"'{VIEWS['loss-vs-flops'][0]}' (Views menu, chart mode) to compare the arms on compute."
+            ),
+        )
 
     @staticmethod
     def _probe(uri: str, timeout_s: float = 5.0) -> None:
@@ -135,8 +170,10 @@ class Tracker:
 
     def _fail(self, e: Exception) -> None:
         if self.enabled:
-            self.log(f"warning: MLflow at {self.tracking_uri} is unavailable ({type(e).__name__}); "
-                     "training continues without tracking")
+            self.log(
+                f"warning: MLflow at {self.tracking_uri} is unavailable ({type(e).__name__}); "
+                "training continues without tracking"
+            )
         self.enabled = False
 
     def _call(self, method: str, *args, **kwargs):
@@ -150,8 +187,9 @@ class Tracker:
             self._fail(e)
             return None
 
-    def start_run(self, name: str, tags: dict | None = None, params: dict | None = None,
-                  parent_id: str | None = None) -> str | None:
+    def start_run(
+        self, name: str, tags: dict | None = None, params: dict | None = None, parent_id: str | None = None
+    ) -> str | None:
         tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
@@ -169,7 +207,7 @@ class Tracker:
 
         items = [Param(k, v) for k, v in scrub(flatten(params)).items()]
         for i in range(0, len(items), 100):
-            self._call("log_batch", run_id, params=items[i:i + 100])
+            self._call("log_batch", run_id, params=items[i : i + 100])
 
     def log_history(self, run_id: str | None, history: Iterable[dict], step_offset: int = 0) -> None:
         """Metric events (engine format) against the global step, with their x metrics (EVENT_METRICS),
@@ -188,7 +226,7 @@ class Tracker:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     metrics.append(Metric(name, float(v), ts, step))
         for i in range(0, len(metrics), 900):
-            self._call("log_batch", run_id, metrics=metrics[i:i + 900])
+            self._call("log_batch", run_id, metrics=metrics[i : i + 900])
 
     def log_metrics(self, run_id: str | None, values: dict[str, Any], step: int = 0) -> None:
         """Summary numbers (final losses, FLOPs fraction, ...) at one step; None values are left out."""
@@ -197,8 +235,11 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in values.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
         if items:
             self._call("log_batch", run_id, metrics=items)
 

@@ -36,7 +36,9 @@ class RaySession:
     time-out on a stale file) where other clusters run or ran, and the cleaner then never cleans up. So
     the job's runtime environment names this cluster explicitly, for every process of the job."""
 
-    def __init__(self, address: str | None, local_cpus: int, log=print, worker_start_timeout_s: float = 120.0):
+    def __init__(
+        self, address: str | None, local_cpus: int, log=print, worker_start_timeout_s: float = 120.0
+    ):
         self.address, self.local_cpus, self.log = address, local_cpus, log
         self.worker_start_timeout_s = worker_start_timeout_s
         self.local = False  # we started a local cluster
@@ -64,7 +66,9 @@ class RaySession:
         import ray
 
         api = os.environ.get("RAY_API_SERVER_ADDRESS")
-        where = {"RAY_API_SERVER_ADDRESS": api} if api else ({"RAY_ADDRESS": target} if target != "auto" else {})
+        where = (
+            {"RAY_API_SERVER_ADDRESS": api} if api else ({"RAY_ADDRESS": target} if target != "auto" else {})
+        )
         # Ray refuses a key that the submitted job's own runtime env already sets (even to the same value)
         where = {k: v for k, v in where.items() if k not in job_env_vars()}
         ray.init(address=target, log_to_driver=True, runtime_env={"env_vars": where} if where else None)
@@ -77,9 +81,15 @@ class RaySession:
             port = free_port()
             api = f"http://127.0.0.1:{port}"
             try:
-                ray.init(address="local", num_cpus=self.local_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                         dashboard_port=port, log_to_driver=True,
-                         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+                ray.init(
+                    address="local",
+                    num_cpus=self.local_cpus,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=port,
+                    log_to_driver=True,
+                    runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}},
+                )
                 break
             except Exception:  # noqa: BLE001
                 ray.shutdown()
@@ -109,11 +119,18 @@ def check_capacity(cfg, local: bool) -> None:
     res = ray.cluster_resources()
     workers = cfg.ray.workers_large + (cfg.ray.workers_small if cfg.ray.standby and cfg.growth.enabled else 0)
     need_cpu = workers * cfg.ray.cpus_per_worker
-    what = (f"ray.workers_large={cfg.ray.workers_large}" +
-            (f" + ray.workers_small={cfg.ray.workers_small} (ray.standby)" if workers > cfg.ray.workers_large else ""))
-    require(need_cpu <= res.get("CPU", 0),
-            f"{what} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} needs {need_cpu:g} CPUs but the cluster has "
-            f"{res.get('CPU', 0):g}; lower them, raise ray.local_cpus, or set ray.standby=false")
-    require(not cfg.ray.use_gpu or workers <= res.get("GPU", 0),
-            f"ray.use_gpu with {what} needs {workers} GPUs; the cluster has {res.get('GPU', 0):g}"
-            + ("; or set ray.standby=false" if workers > cfg.ray.workers_large else ""))
+    what = f"ray.workers_large={cfg.ray.workers_large}" + (
+        f" + ray.workers_small={cfg.ray.workers_small} (ray.standby)"
+        if workers > cfg.ray.workers_large
+        else ""
+    )
+    require(
+        need_cpu <= res.get("CPU", 0),
+        f"{what} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} needs {need_cpu:g} CPUs but the cluster has "
+        f"{res.get('CPU', 0):g}; lower them, raise ray.local_cpus, or set ray.standby=false",
+    )
+    require(
+        not cfg.ray.use_gpu or workers <= res.get("GPU", 0),
+        f"ray.use_gpu with {what} needs {workers} GPUs; the cluster has {res.get('GPU', 0):g}"
+        + ("; or set ray.standby=false" if workers > cfg.ray.workers_large else ""),
+    )

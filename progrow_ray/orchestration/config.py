@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..core.errors import require
-from ..engine.config import RunConfig, check_batch
+from ..engine.config import RunConfig, check_batch, load_config
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,12 @@ class TuneSection:
     rel_tol: float = 0.01  # mixed when (prog - fixed) / fixed <= rel_tol ...
     window_frac: float = 0.1  # ... for this share of the probe horizon after the expansion
     smoothing: float = 0.6  # EMA weight of the past on the loss curves
-    safety: float = 0.0  # tau = stable end - t_mix * (1 + safety); 0.5 reproduces the paper's tau = 480k (README)
+    safety: float = (
+        0.0  # tau = stable end - t_mix * (1 + safety); 0.5 reproduces the paper's tau = 480k (README)
+    )
     # A third probe, the source model never expanded: mixing counts only where the fixed model beats it by
-    # this much (relative), so the trivial early agreement of every depth is not taken for mixing. 0: no probe.
+    # this much (relative), so the trivial early agreement of every depth is not taken for mixing.
+    # 0: no probe.
     min_depth_advantage: float = 0.02
     on_no_saving: str = "fixed"  # verdict "no saving": "fixed" trains fixed-size; "expand" still expands at
     # growth.tau_frac / tau_tokens (demos, ablations) and the report says the verdict was overridden
@@ -80,28 +83,55 @@ class PipelineConfig(RunConfig):
         super().validate(world_size=self.ray.workers_small)
         r, t = self.ray, self.tune
         require(r.workers_small >= 1, f"ray.workers_small must be >= 1, got {r.workers_small}")
-        require(r.workers_large >= r.workers_small,
-                f"ray.workers_large ({r.workers_large}) must be >= ray.workers_small ({r.workers_small})")
+        require(
+            r.workers_large >= r.workers_small,
+            f"ray.workers_large ({r.workers_large}) must be >= ray.workers_small ({r.workers_small})",
+        )
         require(r.cpus_per_worker > 0, f"ray.cpus_per_worker must be > 0, got {r.cpus_per_worker}")
-        require(r.max_failures >= 0 and r.num_to_keep >= 1, "ray.max_failures must be >= 0 and ray.num_to_keep >= 1")
-        require(0 < t.search_fraction <= 1, f"tune.search_fraction must be in (0, 1], got {t.search_fraction}")
-        require(t.rel_tol >= 0 and 0 <= t.window_frac < 1 and 0 <= t.smoothing < 1,
-                "tune.rel_tol must be >= 0, tune.window_frac and tune.smoothing in [0, 1)")
-        require(t.min_depth_advantage >= 0, f"tune.min_depth_advantage must be >= 0, got {t.min_depth_advantage}")
-        require(t.on_no_saving in ("fixed", "expand"),
-                f"tune.on_no_saving must be 'fixed' or 'expand', got {t.on_no_saving!r}")
-        require(t.on_no_saving == "fixed" or self.tau_tokens,
-                "tune.on_no_saving=expand needs growth.tau_frac or growth.tau_tokens (where to expand anyway)")
+        require(
+            r.max_failures >= 0 and r.num_to_keep >= 1,
+            "ray.max_failures must be >= 0 and ray.num_to_keep >= 1",
+        )
+        require(
+            0 < t.search_fraction <= 1, f"tune.search_fraction must be in (0, 1], got {t.search_fraction}"
+        )
+        require(
+            t.rel_tol >= 0 and 0 <= t.window_frac < 1 and 0 <= t.smoothing < 1,
+            "tune.rel_tol must be >= 0, tune.window_frac and tune.smoothing in [0, 1)",
+        )
+        require(
+            t.min_depth_advantage >= 0, f"tune.min_depth_advantage must be >= 0, got {t.min_depth_advantage}"
+        )
+        require(
+            t.on_no_saving in ("fixed", "expand"),
+            f"tune.on_no_saving must be 'fixed' or 'expand', got {t.on_no_saving!r}",
+        )
+        require(
+            t.on_no_saving == "fixed" or self.tau_tokens,
+            "tune.on_no_saving=expand needs growth.tau_frac or growth.tau_tokens (where to expand anyway)",
+        )
         require(self.growth.enabled or not t.enabled, "tune.enabled needs growth.enabled (nothing to expand)")
         if self.growth.enabled:
-            check_batch(self.phase2_batch_tokens, r.workers_large, self.train.micro_batch, self.data.seq_len,
-                        "growth.batch_tokens_after")
+            check_batch(
+                self.phase2_batch_tokens,
+                r.workers_large,
+                self.train.micro_batch,
+                self.units_per_example,
+                "growth.batch_tokens_after",
+            )
         if self.baseline.enabled:
-            check_batch(self.train.batch_tokens, r.workers_large, self.train.micro_batch, self.data.seq_len,
-                        "train.batch_tokens (the baseline runs on ray.workers_large)")
+            check_batch(
+                self.train.batch_tokens,
+                r.workers_large,
+                self.train.micro_batch,
+                self.units_per_example,
+                "train.batch_tokens (the baseline runs on ray.workers_large)",
+            )
         ls = t.lr_search
-        require(not ls.enabled or (0 < ls.lr_min < ls.lr_max and ls.num_samples >= 1),
-                "tune.lr_search needs 0 < lr_min < lr_max and num_samples >= 1")
+        require(
+            not ls.enabled or (0 < ls.lr_min < ls.lr_max and ls.num_samples >= 1),
+            "tune.lr_search needs 0 < lr_min < lr_max and num_samples >= 1",
+        )
         return self
 
     def run_config(self) -> RunConfig:
@@ -112,10 +142,17 @@ class PipelineConfig(RunConfig):
     def fixed_size_workers(self) -> int:
         """Workers for a fixed-size run at ``train.batch_tokens`` (baseline, or the no-saving verdict):
         the most, up to ``ray.workers_large``, that split the batch evenly."""
-        per_worker = self.train.micro_batch * self.data.seq_len
-        return max(w for w in range(1, self.ray.workers_large + 1) if self.train.batch_tokens % (w * per_worker) == 0)
+        per_worker = self.train.micro_batch * self.units_per_example
+        return max(
+            w for w in range(1, self.ray.workers_large + 1) if self.train.batch_tokens % (w * per_worker) == 0
+        )
 
     @property
     def phase2_batch_tokens(self) -> int:
         return self.growth.batch_tokens_after or self.train.batch_tokens
 
+
+def load_single_run(path, overrides: list[str] | None = None) -> RunConfig:
+    """A preset as the single-process run it describes (``progrow_ray.train``, benchmarks, tests): every
+    section's keys and types are checked, the pipeline's are then dropped, and the run is validated."""
+    return load_config(path, overrides, cls=PipelineConfig).run_config().validate()

@@ -24,10 +24,12 @@ def absolutize(cfg: PipelineConfig) -> PipelineConfig:
     """Workers run in other directories (and on other nodes): local paths must be absolute."""
     from dataclasses import replace
 
+    from ..data.images import SYNTHETIC_IMAGES
+
     data = cfg.data
     if "://" not in data.uri:
         data = replace(data, uri=os.path.abspath(data.uri))
-    if data.source not in ("stdlib",) and "://" not in data.source:
+    if data.source not in ("stdlib", SYNTHETIC_IMAGES) and "://" not in data.source:  # named sources stay
         data = replace(data, source=os.path.abspath(data.source))
     out = cfg.out if is_s3(cfg.out) else os.path.abspath(cfg.out)
     return replace(cfg, data=data, out=out)
@@ -36,13 +38,22 @@ def absolutize(cfg: PipelineConfig) -> PipelineConfig:
 def log_path_for(cfg: PipelineConfig) -> str:
     """The run's log file: in the run directory when it is local, else a local file (S3 gets a copy)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = run_root(cfg) if not is_s3(cfg.out) else os.path.join(tempfile.gettempdir(), "progrow_ray", cfg.name)
+    base = (
+        run_root(cfg) if not is_s3(cfg.out) else os.path.join(tempfile.gettempdir(), "progrow_ray", cfg.name)
+    )
     return os.path.join(base, "logs", f"pipeline-{stamp}.log")
 
 
-def run_job(cfg: PipelineConfig, *, label: str, address: str | None = None, mlflow_uri: str | None = None,
-            verbose: bool = False) -> int:
-    """``python -m progrow_ray.pipeline``'s body: the run ``cfg`` from start (or from where it stopped) to its report."""
+def run_job(
+    cfg: PipelineConfig,
+    *,
+    label: str,
+    address: str | None = None,
+    mlflow_uri: str | None = None,
+    verbose: bool = False,
+) -> int:
+    """``python -m progrow_ray.pipeline``'s body: the run ``cfg`` from start (or from where it stopped)
+    to its report."""
     cfg = absolutize(cfg)
     started = time.time()
     print(f"progrow_ray pipeline: {cfg.name} ({label}) -> {run_root(cfg)}", flush=True)
@@ -60,13 +71,18 @@ def run_job(cfg: PipelineConfig, *, label: str, address: str | None = None, mlfl
     run_started = False
     try:
         with console:
-            console.info(f"log: {log_path}" + ("" if verbose else " (Ray's own output; --verbose shows it here)"))
+            console.info(
+                f"log: {log_path}" + ("" if verbose else " (Ray's own output; --verbose shows it here)")
+            )
             # inside the console: what Ray prints while shutting down goes to the log too
-            with RaySession(address or cfg.ray.address, cfg.ray.local_cpus, console,
-                            cfg.ray.worker_start_timeout_s) as ray_session:
+            with RaySession(
+                address or cfg.ray.address, cfg.ray.local_cpus, console, cfg.ray.worker_start_timeout_s
+            ) as ray_session:
                 check_capacity(cfg, ray_session.local)
                 run_started = True
-                run = open_run(cfg, console, default_tracking_uri(mlflow_uri or cfg.mlflow.tracking_uri, cfg.out))
+                run = open_run(
+                    cfg, console, default_tracking_uri(mlflow_uri or cfg.mlflow.tracking_uri, cfg.out)
+                )
                 report = run_stages(run)
     except ConfigError:
         if not run_started:  # a refused run leaves nothing behind, not even its log
@@ -97,8 +113,10 @@ def upload_log(local: str, remote: str) -> None:
     try:
         write_bytes(remote, Path(local).read_bytes())
     except Exception as e:  # noqa: BLE001
-        print(f"warning: could not copy the run log to {remote} ({type(e).__name__}); it stays at {local}",
-              file=sys.stderr)
+        print(
+            f"warning: could not copy the run log to {remote} ({type(e).__name__}); it stays at {local}",
+            file=sys.stderr,
+        )
 
 
 def print_summary(report: dict, cfg: PipelineConfig, started: float) -> None:

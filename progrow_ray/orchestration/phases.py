@@ -106,8 +106,14 @@ def train_loop(config: dict) -> LoopReturn | None:
 
     def save(trainer: Trainer, ckpt_files: dict) -> None:
         p = trainer.progress
-        metrics = {"tokens": p.tokens, "step": p.step, "flops": p.flops, "train_loss": p.train_loss,
-                   "val_loss": p.val_loss, "expanded": p.expanded}
+        metrics = {
+            "tokens": p.tokens,
+            "step": p.step,
+            "flops": p.flops,
+            "train_loss": p.train_loss,
+            "val_loss": p.val_loss,
+            "expanded": p.expanded,
+        }
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "checkpoint")
@@ -119,16 +125,36 @@ def train_loop(config: dict) -> LoopReturn | None:
     def on_metrics(event: dict) -> None:
         if rank == 0:
             post(loop.board, loop.phase, event, world)
-        maybe_inject_fault(loop.fault, loop.phase, rank, event["tokens"],
-                           corrupt=lambda: corrupt_newest_checkpoint(loop.fit_uri))
+        maybe_inject_fault(
+            loop.fault,
+            loop.phase,
+            rank,
+            event["tokens"],
+            corrupt=lambda: corrupt_newest_checkpoint(loop.fit_uri),
+        )
 
-    trainer = Trainer(loop.run, device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model,
-                      save_checkpoint=save, resume=files, on_metrics=on_metrics, log=log)
+    trainer = Trainer(
+        loop.run,
+        device=ray.train.torch.get_device(),
+        wrap_model=ray.train.torch.prepare_model,
+        save_checkpoint=save,
+        resume=files,
+        on_metrics=on_metrics,
+        log=log,
+    )
     result = trainer.run(until_tokens=loop.until_tokens)
     if rank != 0:
         return None
-    return LoopReturn(result, trainer.history, resumed_from, trainer.world, trainer.batch_tokens, time.time(),
-                      loop_start, handoff_time)
+    return LoopReturn(
+        result,
+        trainer.history,
+        resumed_from,
+        trainer.world,
+        trainer.batch_tokens,
+        time.time(),
+        loop_start,
+        handoff_time,
+    )
 
 
 @dataclass(frozen=True)
@@ -146,28 +172,52 @@ class PhaseOutcome:
     handoff_time: float | None  # standby: rank 0 saw phase 1's checkpoint
 
 
-def run_phase(name: str, run: RunConfig, *, workers: int, storage: RayStorage, ray_cfg, run_name: str,
-              until_tokens: int | None = None, start_from: str | None = None, handoff: str | None = None,
-              board=None) -> PhaseOutcome:
+def run_phase(
+    name: str,
+    run: RunConfig,
+    *,
+    workers: int,
+    storage: RayStorage,
+    ray_cfg,
+    run_name: str,
+    until_tokens: int | None = None,
+    start_from: str | None = None,
+    handoff: str | None = None,
+    board=None,
+) -> PhaseOutcome:
     """One Ray Train fit of the engine. Re-running with the same ``run_name`` and storage resumes
     from that fit's last committed checkpoint (Ray restores it)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": ray_cfg.cpus_per_worker}
     if ray_cfg.use_gpu:
         resources["GPU"] = 1
-    loop = LoopConfig(run=run, phase=name, fit_uri=storage.child(run_name), until_tokens=until_tokens,
-                      start_from=start_from, handoff=handoff, threads=max(1, int(ray_cfg.cpus_per_worker)),
-                      fault=faults_from_env(), board=board)
+    loop = LoopConfig(
+        run=run,
+        phase=name,
+        fit_uri=storage.child(run_name),
+        until_tokens=until_tokens,
+        start_from=start_from,
+        handoff=handoff,
+        threads=max(1, int(ray_cfg.cpus_per_worker)),
+        fault=faults_from_env(),
+        board=board,
+    )
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"loop": loop},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=ray_cfg.use_gpu, resources_per_worker=resources
+        ),
         run_config=RayRunConfig(
-            name=run_name, storage_path=storage.path, storage_filesystem=storage.filesystem,
+            name=run_name,
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.num_to_keep)),
+            checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.num_to_keep),
+        ),
     )
     t0 = time.time()
     fit = trainer.fit()
@@ -175,5 +225,16 @@ def run_phase(name: str, run: RunConfig, *, workers: int, storage: RayStorage, r
     if ret is None:
         raise RuntimeError(f"{name}: the fit returned no result from rank 0")
     checkpoint = storage.uri_of(fit.checkpoint.path) if fit.checkpoint else None
-    return PhaseOutcome(name, ret.result, ret.history, checkpoint, workers, ret.batch_tokens, time.time() - t0,
-                        ret.end_time, t0, ret.loop_start_time, ret.handoff_time)
+    return PhaseOutcome(
+        name,
+        ret.result,
+        ret.history,
+        checkpoint,
+        workers,
+        ret.batch_tokens,
+        time.time() - t0,
+        ret.end_time,
+        t0,
+        ret.loop_start_time,
+        ret.handoff_time,
+    )

@@ -16,8 +16,11 @@ class PhaseTwoPrewarm:
         bundle = {"CPU": cfg.ray.cpus_per_worker}
         if cfg.ray.use_gpu:
             bundle["GPU"] = 1
-        self.group = placement_group([dict(bundle) for _ in range(cfg.ray.workers_large)], strategy="PACK",
-                                     name=f"{cfg.name}-phase2-prewarm")
+        self.group = placement_group(
+            [dict(bundle) for _ in range(cfg.ray.workers_large)],
+            strategy="PACK",
+            name=f"{cfg.name}-phase2-prewarm",
+        )
 
     def release(self) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -33,7 +33,9 @@ def post(board, stage: str, event: dict, world: int) -> None:
     if board is None or event.get("event") != "train":
         return
     try:
-        board.post.remote(stage, {"tokens": event["tokens"], "train_loss": event.get("train_loss"), "world": world})
+        board.post.remote(
+            stage, {"tokens": event["tokens"], "train_loss": event.get("train_loss"), "world": world}
+        )
     except Exception:  # noqa: BLE001
         pass
 

@@ -51,11 +51,21 @@ class PhaseResult:
 
     @classmethod
     def from_json(cls, data: dict) -> "PhaseResult":
-        return cls(**{**_known(cls, data), "mlflow": TrackedRun(**data["mlflow"])})
+        # state files written before phases kept their MLflow params: tracked again with none
+        tracked = data.get("mlflow") or {"params": {}, "tags": {}}
+        return cls(**{**_known(cls, data), "mlflow": TrackedRun(**_known(TrackedRun, tracked))})
 
     # the columns of the report's phase table
-    REPORT_KEYS = ("name", "depth", "workers", "global_batch_tokens", "tokens", "flops", "final_train_loss",
-                   "checkpoint_uri")
+    REPORT_KEYS = (
+        "name",
+        "depth",
+        "workers",
+        "global_batch_tokens",
+        "tokens",
+        "flops",
+        "final_train_loss",
+        "checkpoint_uri",
+    )
 
     def report_row(self) -> dict:
         return {k: getattr(self, k) for k in self.REPORT_KEYS}
@@ -107,8 +117,17 @@ class SearchResult:
         trials = tuple(ProbeTrial(**_known(ProbeTrial, t)) for t in data.get("trials", ()))
         return cls(**{**_known(cls, data), "trials": trials})
 
-    REPORT_KEYS = ("t_mix_tokens", "tau_tokens", "verdict", "search_flops", "trials", "expand", "verdict_expand",
-                   "cap_tokens", "expand_at_tokens")
+    REPORT_KEYS = (
+        "t_mix_tokens",
+        "tau_tokens",
+        "verdict",
+        "search_flops",
+        "trials",
+        "expand",
+        "verdict_expand",
+        "cap_tokens",
+        "expand_at_tokens",
+    )
 
     def report_section(self) -> dict:
         data = self.to_json()
@@ -138,18 +157,26 @@ class PipelineState:
     done: bool = False
 
     def to_json(self) -> dict:
-        out = {"config": self.config, "mlflow_parent_run_id": self.mlflow_parent_run_id,
-               "lr_search": self.lr_search.to_json() if self.lr_search else None,
-               "tau_search": self.tau_search.to_json() if self.tau_search else None,
-               "phases": {k: p.to_json() for k, p in self.phases.items()},
-               "mlflow_progressive_run_id": self.mlflow_progressive_run_id, "done": self.done}
+        out = {
+            "config": self.config,
+            "mlflow_parent_run_id": self.mlflow_parent_run_id,
+            "lr_search": self.lr_search.to_json() if self.lr_search else None,
+            "tau_search": self.tau_search.to_json() if self.tau_search else None,
+            "phases": {k: p.to_json() for k, p in self.phases.items()},
+            "mlflow_progressive_run_id": self.mlflow_progressive_run_id,
+            "done": self.done,
+        }
         return {k: v for k, v in out.items() if v not in (None, {}, False)}  # what has not happened is absent
 
     @classmethod
     def from_json(cls, data: dict | None) -> "PipelineState":
         data = data or {}
-        return cls(config=data.get("config"), mlflow_parent_run_id=data.get("mlflow_parent_run_id"),
-                   lr_search=LrSearchResult(**data["lr_search"]) if data.get("lr_search") else None,
-                   tau_search=SearchResult.from_json(data["tau_search"]) if data.get("tau_search") else None,
-                   phases={k: PhaseResult.from_json(p) for k, p in data.get("phases", {}).items()},
-                   mlflow_progressive_run_id=data.get("mlflow_progressive_run_id"), done=bool(data.get("done")))
+        return cls(
+            config=data.get("config"),
+            mlflow_parent_run_id=data.get("mlflow_parent_run_id"),
+            lr_search=LrSearchResult(**data["lr_search"]) if data.get("lr_search") else None,
+            tau_search=SearchResult.from_json(data["tau_search"]) if data.get("tau_search") else None,
+            phases={k: PhaseResult.from_json(p) for k, p in data.get("phases", {}).items()},
+            mlflow_progressive_run_id=data.get("mlflow_progressive_run_id"),
+            done=bool(data.get("done")),
+        )

@@ -25,8 +25,12 @@ from .standby import Handoff, StandbyFit
 STATE = "pipeline_state.json"
 # Sections that may change between a run and its resumption without changing what is trained.
 RESUMABLE_KEYS = ("ray", "mlflow")
-PHASE_TITLES = {"phase1": "phase 1: the source model until τ", "phase2": "phase 2: expanded to the target depth",
-                "fixed": "main run: the target model (fixed size)", "baseline": "baseline: the fixed-size target model"}
+PHASE_TITLES = {
+    "phase1": "phase 1: the source model until τ",
+    "phase2": "phase 2: expanded to the target depth",
+    "fixed": "main run: the target model (fixed size)",
+    "baseline": "baseline: the fixed-size target model",
+}
 
 
 class StateFile:
@@ -52,8 +56,11 @@ def check_same_run(cfg: PipelineConfig, state: PipelineState) -> None:
         return
     now = to_dict(cfg)
     diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k))
-    require(not diff, f"run {cfg.name!r} in {cfg.out} exists with a different config ({', '.join(diff)} "
-                      "changed); use another name (--set name=...) or the original config")
+    require(
+        not diff,
+        f"run {cfg.name!r} in {cfg.out} exists with a different config ({', '.join(diff)} "
+        "changed); use another name (--set name=...) or the original config",
+    )
 
 
 @dataclass
@@ -77,7 +84,8 @@ class PipelineRun:
 
     @property
     def pipeline_tag(self) -> str:
-        """What the comparison views group by besides the arm: this pipeline run, not every run of its name."""
+        """What the comparison views group by besides the arm: this pipeline run, not every run of its
+        name."""
         return f"{self.cfg.name} {self.parent[:8]}" if self.parent else self.cfg.name
 
 
@@ -90,7 +98,8 @@ def read_state(cfg: PipelineConfig) -> StateFile:
 
 
 def open_run(cfg: PipelineConfig, console: Console, tracking_uri: str) -> PipelineRun:
-    """The run's state (new, or what an earlier attempt finished), its MLflow parent run and progress board."""
+    """The run's state (new, or what an earlier attempt finished), its MLflow parent run and progress
+    board."""
     from .progress import make_board
 
     state = read_state(cfg)
@@ -99,8 +108,11 @@ def open_run(cfg: PipelineConfig, console: Console, tracking_uri: str) -> Pipeli
         state.update(config=to_dict(cfg))
     tracker = Tracker(tracking_uri, cfg.mlflow.experiment, log=console.info)
     if not state.state.mlflow_parent_run_id:
-        state.update(mlflow_parent_run_id=tracker.start_run(cfg.name, tags={"progrow.kind": "pipeline"},
-                                                            params=to_dict(cfg)))
+        state.update(
+            mlflow_parent_run_id=tracker.start_run(
+                cfg.name, tags={"progrow.kind": "pipeline"}, params=to_dict(cfg)
+            )
+        )
     return PipelineRun(cfg, console, state, RayStorage(join(run_root(cfg), "ray")), tracker, make_board())
 
 
@@ -143,9 +155,14 @@ def search_stage(run: PipelineRun) -> SearchResult:
         result = measure_tau(run, cfg)
     else:
         tau = cfg.tau_tokens
-        verdict = (f"tau set by the config: {tau:,} tokens (no search)" if tau else
-                   "growth.enabled=false: the target model trains at full depth from the start (no search)")
-        result = SearchResult(t_mix_tokens=None, tau_tokens=tau, expand=tau is not None and tau > 0, verdict=verdict)
+        verdict = (
+            f"tau set by the config: {tau:,} tokens (no search)"
+            if tau
+            else "growth.enabled=false: the target model trains at full depth from the start (no search)"
+        )
+        result = SearchResult(
+            t_mix_tokens=None, tau_tokens=tau, expand=tau is not None and tau > 0, verdict=verdict
+        )
     run.console.info(f"verdict: {result.verdict}")
     result = apply_no_saving_policy(cfg, result, run.console.info)
     state.update(tau_search=result)
@@ -169,15 +186,28 @@ def measure_tau(run: PipelineRun, cfg: PipelineConfig) -> SearchResult:
         live["line"].update(sum(live["tokens"].values()), loss=loss, note=live["note"])
 
     try:
-        result = search_tau(cfg, storage=run.storage, run_name=f"{cfg.name}-tau-search", log=run.console.note,
-                            on_start=on_start, on_result=on_result)
+        result = search_tau(
+            cfg,
+            storage=run.storage,
+            run_name=f"{cfg.name}-tau-search",
+            log=run.console.note,
+            on_start=on_start,
+            on_result=on_result,
+        )
     finally:
         if "line" in live:
             live["line"].close()
     for trial in result.trials:
-        rid = run.tracker.start_run(f"search-{trial.role}", parent_id=run.parent, tags={
-            "progrow.phase": "tau-search", "progrow.role": trial.role, ARM_TAG: f"search-{trial.role}",
-            PIPELINE_TAG: run.pipeline_tag})
+        rid = run.tracker.start_run(
+            f"search-{trial.role}",
+            parent_id=run.parent,
+            tags={
+                "progrow.phase": "tau-search",
+                "progrow.role": trial.role,
+                ARM_TAG: f"search-{trial.role}",
+                PIPELINE_TAG: run.pipeline_tag,
+            },
+        )
         run.tracker.log_history(rid, trial.events())
         run.tracker.end(rid)
     return result
@@ -190,10 +220,14 @@ def apply_no_saving_policy(cfg: PipelineConfig, result: SearchResult, log) -> Se
     from .tune_tau import align_tau
 
     tau = align_tau(cfg.tau_tokens, cfg.train.batch_tokens, cfg.phase2_batch_tokens, cfg.train.total_tokens)
-    note = (f"tune.on_no_saving=expand: expanding anyway at the configured tau = {tau:,} tokens "
-            f"({tau / cfg.train.total_tokens:.0%} of the horizon)")
+    note = (
+        f"tune.on_no_saving=expand: expanding anyway at the configured tau = {tau:,} tokens "
+        f"({tau / cfg.train.total_tokens:.0%} of the horizon)"
+    )
     log(note)
-    return replace(result, expand=True, tau_tokens=tau, verdict_expand=False, verdict=f"{result.verdict} -- {note}")
+    return replace(
+        result, expand=True, tau_tokens=tau, verdict_expand=False, verdict=f"{result.verdict} -- {note}"
+    )
 
 
 # ---- the main run ---------------------------------------------------------------------------------
@@ -226,8 +260,15 @@ def main_run_stage(run: PipelineRun, search: SearchResult) -> list[PhaseResult]:
     if run.cfg.ray.standby and "phase1" not in done and "phase2" not in done:
         return progressive_with_standby(run, run_cfg, search.tau_tokens)
     # phase 1 goes to MLflow once phase 2 runs: nothing but Ray stands between τ and phase 2
-    p1 = train_phase(run, "phase1", run_cfg, workers=run.cfg.ray.workers_small, until=search.tau_tokens,
-                     prewarm=True, track=False)
+    p1 = train_phase(
+        run,
+        "phase1",
+        run_cfg,
+        workers=run.cfg.ray.workers_small,
+        until=search.tau_tokens,
+        prewarm=True,
+        track=False,
+    )
     p2 = train_phase(run, "phase2", run_cfg, workers=run.cfg.ray.workers_large, start_from=p1.checkpoint_uri)
     return [p1, p2]
 
@@ -236,11 +277,21 @@ def progressive_with_standby(run: PipelineRun, run_cfg: RunConfig, tau: int) -> 
     """Phase 2's fit starts alongside phase 1 and waits for its checkpoint (``standby.py``)."""
     cfg = run.cfg
     handoff = Handoff(run.storage.child(f"{cfg.name}-phase2-handoff.json"))
-    standby = StandbyFit(lambda: train_phase(run, "phase2", run_cfg, workers=cfg.ray.workers_large,
-                                             handoff=handoff.uri, announce=False))
+    standby = StandbyFit(
+        lambda: train_phase(
+            run, "phase2", run_cfg, workers=cfg.ray.workers_large, handoff=handoff.uri, announce=False
+        )
+    )
     try:
-        p1 = train_phase(run, "phase1", run_cfg, workers=cfg.ray.workers_small, until=tau, track=False,
-                         note=f"phase 2 waits on {cfg.ray.workers_large} standby worker(s)")
+        p1 = train_phase(
+            run,
+            "phase1",
+            run_cfg,
+            workers=cfg.ray.workers_small,
+            until=tau,
+            track=False,
+            note=f"phase 2 waits on {cfg.ray.workers_large} standby worker(s)",
+        )
     except BaseException as e:
         handoff.abort(f"phase 1 failed: {type(e).__name__}")
         standby.release(timeout_s=60)  # phase 1's own error is the one to report
@@ -251,24 +302,44 @@ def progressive_with_standby(run: PipelineRun, run_cfg: RunConfig, tau: int) -> 
 
 
 def baseline_stage(run: PipelineRun) -> PhaseResult | None:
-    """The fixed-size target model on the same tokens, on the large worker group: what the saving is measured against."""
+    """The fixed-size target model on the same tokens, on the large worker group: what the saving is
+    measured against."""
     if not run.cfg.baseline.enabled:
         return None
-    return train_phase(run, "baseline", fixed_size_config(run), workers=run.cfg.ray.workers_large,
-                       tags={"progrow.phase": "baseline"})
+    return train_phase(
+        run,
+        "baseline",
+        fixed_size_config(run),
+        workers=run.cfg.ray.workers_large,
+        tags={"progrow.phase": "baseline"},
+    )
 
 
 # ---- one phase ------------------------------------------------------------------------------------
 def announce_phase(run: PipelineRun, name: str, run_cfg: RunConfig, workers: int, note: str = "") -> None:
     """The stage header of a phase: what trains where, on which batch, up to where."""
     batch = (run_cfg.growth.batch_tokens_after if name == "phase2" else None) or run_cfg.train.batch_tokens
-    run.console.stage(f"{PHASE_TITLES.get(name, name)} -- {workers} worker(s), global batch {batch:,} tokens"
-                      + (f"; {note}" if note else ""))
+    run.console.stage(
+        f"{PHASE_TITLES.get(name, name)} -- {workers} worker(s), global batch {batch:,} tokens"
+        + (f"; {note}" if note else "")
+    )
 
 
-def train_phase(run: PipelineRun, name: str, run_cfg: RunConfig, *, workers: int, until: int | None = None,
-                start_from: str | None = None, handoff: str | None = None, prewarm: bool = False,
-                tags: dict | None = None, track: bool = True, announce: bool = True, note: str = "") -> PhaseResult:
+def train_phase(
+    run: PipelineRun,
+    name: str,
+    run_cfg: RunConfig,
+    *,
+    workers: int,
+    until: int | None = None,
+    start_from: str | None = None,
+    handoff: str | None = None,
+    prewarm: bool = False,
+    tags: dict | None = None,
+    track: bool = True,
+    announce: bool = True,
+    note: str = "",
+) -> PhaseResult:
     """One Ray Train fit (skipped when an earlier attempt finished it), recorded in the state file."""
     from .prewarm import PhaseTwoPrewarm
     from .progress import watch
@@ -285,24 +356,48 @@ def train_phase(run: PipelineRun, name: str, run_cfg: RunConfig, *, workers: int
     first = phase1.tokens_end if phase1 else (run_cfg.growth.tau_tokens or 0) if name == "phase2" else 0
     warm = PhaseTwoPrewarm(cfg) if (prewarm and cfg.ray.prewarm) else None
     try:
-        with watch(run.board, name, run.console, start_tokens=first, end_tokens=until or cfg.train.total_tokens):
-            outcome = run_phase(name, run_cfg, workers=workers, storage=run.storage, ray_cfg=cfg.ray,
-                                run_name=f"{cfg.name}-{name}", until_tokens=until, start_from=start_from,
-                                handoff=handoff, board=run.board)
+        with watch(
+            run.board, name, run.console, start_tokens=first, end_tokens=until or cfg.train.total_tokens
+        ):
+            outcome = run_phase(
+                name,
+                run_cfg,
+                workers=workers,
+                storage=run.storage,
+                ray_cfg=cfg.ray,
+                run_name=f"{cfg.name}-{name}",
+                until_tokens=until,
+                start_from=start_from,
+                handoff=handoff,
+                board=run.board,
+            )
     finally:
         if warm is not None:
             warm.release()
     phase1 = run.state.state.phases.get("phase1") if name == "phase2" else None
-    result = phase_result(outcome, phase1, TrackedRun(to_dict(run_cfg), {
-        "progrow.phase": name, "progrow.depth": outcome.result.depth, **arm_tags(run, name),
-        "progrow.workers": workers, **(tags or {})}))
+    result = phase_result(
+        outcome,
+        phase1,
+        TrackedRun(
+            to_dict(run_cfg),
+            {
+                "progrow.phase": name,
+                "progrow.depth": outcome.result.depth,
+                **arm_tags(run, name),
+                "progrow.workers": workers,
+                **(tags or {}),
+            },
+        ),
+    )
     run.state.add_phase(result)
     if track:
         track_phase(run, name)
     r = outcome.result
     val = f"{r.val_loss:.4f}" if r.val_loss is not None else "-"
-    run.console.detail(f"{name}: {r.tokens:,} tokens, depth {r.depth}, train loss {r.train_loss:.4f}, "
-                       f"val loss {val} ({outcome.fit_s:.0f} s)")
+    run.console.detail(
+        f"{name}: {r.tokens:,} tokens, depth {r.depth}, train loss {r.train_loss:.4f}, "
+        f"val loss {val} ({outcome.fit_s:.0f} s)"
+    )
     return result
 
 
@@ -320,12 +415,24 @@ def phase_result(outcome: PhaseOutcome, phase1: PhaseResult | None, mlflow: Trac
     tokens0, flops0 = (phase1.tokens_end, phase1.flops_end) if phase1 else (0, 0.0)
     switch_s, breakdown = switch_timing(outcome, phase1) if phase1 else (None, None)
     return PhaseResult(
-        name=outcome.name, depth=r.depth, workers=outcome.workers, global_batch_tokens=outcome.batch_tokens,
-        tokens=r.tokens - tokens0, tokens_end=r.tokens, flops=r.flops - flops0, flops_end=r.flops,
-        final_train_loss=r.train_loss, final_val_loss=r.val_loss, checkpoint_uri=outcome.checkpoint_uri,
-        fit_s=outcome.fit_s, end_time=outcome.end_time,
-        history=own_events(outcome.history, phase1.history if phase1 else []), mlflow=mlflow,
-        phase_switch_s=switch_s, phase_switch_breakdown=breakdown)
+        name=outcome.name,
+        depth=r.depth,
+        workers=outcome.workers,
+        global_batch_tokens=outcome.batch_tokens,
+        tokens=r.tokens - tokens0,
+        tokens_end=r.tokens,
+        flops=r.flops - flops0,
+        flops_end=r.flops,
+        final_train_loss=r.train_loss,
+        final_val_loss=r.val_loss,
+        checkpoint_uri=outcome.checkpoint_uri,
+        fit_s=outcome.fit_s,
+        end_time=outcome.end_time,
+        history=own_events(outcome.history, phase1.history if phase1 else []),
+        mlflow=mlflow,
+        phase_switch_s=switch_s,
+        phase_switch_breakdown=breakdown,
+    )
 
 
 def switch_timing(outcome: PhaseOutcome, phase1: PhaseResult) -> tuple[float | None, dict | None]:
@@ -335,12 +442,16 @@ def switch_timing(outcome: PhaseOutcome, phase1: PhaseResult) -> tuple[float | N
         return None, None
     expanded = expand[-1]["time"]
     if outcome.handoff_time:  # standby: phase 1's fit ends + handoff, then restore + expand
-        return expanded - phase1.end_time, {"handoff_s": outcome.handoff_time - phase1.end_time,
-                                            "restore_and_expand_s": expanded - outcome.handoff_time}
+        return expanded - phase1.end_time, {
+            "handoff_s": outcome.handoff_time - phase1.end_time,
+            "restore_and_expand_s": expanded - outcome.handoff_time,
+        }
     # the driver between fits, worker start-up, restore + expand
-    return expanded - phase1.end_time, {"between_fits_s": outcome.fit_start_time - phase1.end_time,
-                                        "workers_start_s": outcome.loop_start_time - outcome.fit_start_time,
-                                        "restore_and_expand_s": expanded - outcome.loop_start_time}
+    return expanded - phase1.end_time, {
+        "between_fits_s": outcome.fit_start_time - phase1.end_time,
+        "workers_start_s": outcome.loop_start_time - outcome.fit_start_time,
+        "restore_and_expand_s": expanded - outcome.loop_start_time,
+    }
 
 
 # ---- tracking -------------------------------------------------------------------------------------
@@ -356,7 +467,9 @@ def track_phase(run: PipelineRun, name: str) -> None:
     phase = run.state.state.phases[name]
     if phase.mlflow.run_id:
         return
-    rid = run.tracker.start_run(name, parent_id=run.parent, params=phase.mlflow.params, tags=phase.mlflow.tags)
+    rid = run.tracker.start_run(
+        name, parent_id=run.parent, params=phase.mlflow.params, tags=phase.mlflow.tags
+    )
     run.tracker.log_history(rid, phase.history)
     run.tracker.end(rid)
     run.state.add_phase(replace(phase, mlflow=replace(phase.mlflow, run_id=rid or "disabled")))
@@ -369,17 +482,27 @@ def track_progressive(run: PipelineRun) -> None:
     if "phase2" not in phases or run.state.state.mlflow_progressive_run_id:
         return
     p1, p2 = phases["phase1"], phases["phase2"]
-    rid = run.tracker.start_run("progressive", parent_id=run.parent, params=p2.mlflow.params, tags={
-        "progrow.phase": "phase1+phase2", ARM_TAG: "progressive", PIPELINE_TAG: run.pipeline_tag,
-        "progrow.depth": f"{p1.depth} -> {p2.depth}", "progrow.workers": f"{p1.workers} -> {p2.workers}"})
+    rid = run.tracker.start_run(
+        "progressive",
+        parent_id=run.parent,
+        params=p2.mlflow.params,
+        tags={
+            "progrow.phase": "phase1+phase2",
+            ARM_TAG: "progressive",
+            PIPELINE_TAG: run.pipeline_tag,
+            "progrow.depth": f"{p1.depth} -> {p2.depth}",
+            "progrow.workers": f"{p1.workers} -> {p2.workers}",
+        },
+    )
     run.tracker.log_history(rid, p1.history + own_events(p2.history, p1.history))
     run.tracker.end(rid)
     run.state.update(mlflow_progressive_run_id=rid or "disabled")
 
 
 # ---- report ---------------------------------------------------------------------------------------
-def report_stage(run: PipelineRun, search: SearchResult, phases: list[PhaseResult],
-                 baseline: PhaseResult | None) -> Report:
+def report_stage(
+    run: PipelineRun, search: SearchResult, phases: list[PhaseResult], baseline: PhaseResult | None
+) -> Report:
     """report.json / .md, config.yaml and the plots, in the run directory and on the MLflow parent run."""
     refs = MlflowRefs(run.tracker.tracking_uri, run.tracker.experiment_id, run.parent)
     report = build_report(run.cfg, search, phases, baseline, run.state.state.lr_search, refs)
@@ -390,11 +513,17 @@ def report_stage(run: PipelineRun, search: SearchResult, phases: list[PhaseResul
         write_bytes(join(run.root, name), data)
     run.tracker.log_files(run.parent, files)
     s = report.savings
-    run.tracker.log_metrics(run.parent, {
-        "final_val_loss": report.progressive.final_val_loss, "flops": report.progressive.flops,
-        "baseline_final_val_loss": report.baseline.final_val_loss if report.baseline else None,
-        "flops_fraction": s.flops_fraction if s else None, "flops_fraction_paper": s.flops_fraction_paper if s else None,
-        "loss_gap_rel": s.loss_gap_rel if s else None, "tau_tokens": search.tau_tokens,
-        "search_flops": search.search_flops})
+    run.tracker.log_metrics(
+        run.parent,
+        {
+            "final_val_loss": report.progressive.final_val_loss,
+            "flops": report.progressive.flops,
+            "baseline_final_val_loss": report.baseline.final_val_loss if report.baseline else None,
+            "flops_fraction": s.flops_fraction if s else None,
+            "flops_fraction_paper": s.flops_fraction_paper if s else None,
+            "loss_gap_rel": s.loss_gap_rel if s else None,
+            "tau_tokens": search.tau_tokens,
+            "search_flops": search.search_flops,
+        },
+    )
     return report
-

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from ..core.flops import train_flops_per_unit
 from ..core.mixing import MixResult, TauPlan, plan_tau, t_mix
 from ..engine.config import RunConfig
 from ..engine.faults import faults_from_env, maybe_inject_fault
@@ -50,11 +49,18 @@ def probe_trainable(config: dict) -> None:
     def report(event: dict) -> None:
         maybe_inject_fault(probe.fault, "tau-search", 0, event["tokens"], role=probe.role)
         if event["event"] in ("train", "eval"):
-            tune.report({k: event.get(k) for k in ("tokens", "step", "flops", "train_loss", "val_loss")
-                         if event.get(k) is not None} | {"kind": event["event"]})
+            tune.report(
+                {
+                    k: event.get(k)
+                    for k in ("tokens", "step", "flops", "train_loss", "val_loss")
+                    if event.get(k) is not None
+                }
+                | {"kind": event["event"]}
+            )
 
     Trainer(probe.run, save_checkpoint=lambda *_: None, on_metrics=report, log=lambda _: None).run(
-        until_tokens=probe.cap)
+        until_tokens=probe.cap
+    )
 
 
 class Curves:
@@ -65,7 +71,9 @@ class Curves:
 
     def add(self, role: str, result: dict) -> None:
         if result.get("kind") == "train" and result.get("train_loss") is not None:
-            self.points.setdefault(role, []).append((result["tokens"], result["train_loss"], result.get("flops", 0.0)))
+            self.points.setdefault(role, []).append(
+                (result["tokens"], result["train_loss"], result.get("flops", 0.0))
+            )
 
     def curve(self, role: str) -> tuple[np.ndarray, np.ndarray]:
         pts = self.points.get(role, [])
@@ -91,7 +99,9 @@ class MixSettings:
             if len(st) < 2:
                 return None
             source = dict(source_tokens=st, source_loss=sl, min_advantage_rel=self.min_advantage)
-        return t_mix(ft, fl, pt, pl, self.expand_at, self.rel_tol, self.window_tokens, self.smoothing, **source)
+        return t_mix(
+            ft, fl, pt, pl, self.expand_at, self.rel_tol, self.window_tokens, self.smoothing, **source
+        )
 
 
 def make_stopper(curves: Curves, settings: MixSettings, on_result=None):
@@ -125,14 +135,8 @@ def make_stopper(curves: Curves, settings: MixSettings, on_result=None):
 
 def probe_flops_per_token(cfg) -> tuple[float, float]:
     """(source, target) FLOPs per token of the probes' models (``tune.probe_model`` applied)."""
-    from ..core.flops import with_depth
-    from ..core.models import make_config
-
-    fields = {**{k: v for k, v in cfg.model.items() if k != "kind"}, **cfg.tune.probe_model}
-    fields.setdefault("block_size", cfg.data.seq_len)
-    target = make_config(cfg.model.get("kind", "gpt"), **fields)
-    source = with_depth(target, cfg.growth.source_depth)
-    return (train_flops_per_unit(source, seq_len=cfg.data.seq_len), train_flops_per_unit(target, seq_len=cfg.data.seq_len))
+    run = cfg.run_config()
+    return replace(run, model={**run.model, **cfg.tune.probe_model}).flops_per_unit()
 
 
 def search_cap_tokens(cfg) -> int:
@@ -157,9 +161,13 @@ def probe_runs(cfg, expand_at: int) -> dict[str, RunConfig]:
     """The engine config of each probe: the main run's, at ``tune.probe_model``'s width, logging every step
     (the curves t_mix is read from) and evaluating only at the very end."""
     base = cfg.run_config()
-    base = replace(base, model={**base.model, **cfg.tune.probe_model},
-                   train=replace(base.train, checkpoint_every_tokens=None, log_every=1,
-                                 eval_every_tokens=cfg.train.total_tokens))
+    base = replace(
+        base,
+        model={**base.model, **cfg.tune.probe_model},
+        train=replace(
+            base.train, checkpoint_every_tokens=None, log_every=1, eval_every_tokens=cfg.train.total_tokens
+        ),
+    )
     fixed = replace(base, growth=replace(base.growth, enabled=False))
     # the main run's source depth and method; the same batch as the fixed probe
     grown = replace(base.growth, enabled=True, tau_tokens=expand_at, batch_tokens_after=None)
@@ -167,12 +175,13 @@ def probe_runs(cfg, expand_at: int) -> dict[str, RunConfig]:
     if cfg.tune.one_layer_probe and cfg.growth.source_depth != 1:
         runs["progressive-1"] = replace(base, growth=replace(grown, source_depth=1, method="random"))
     if cfg.tune.min_depth_advantage > 0:  # the source model, never expanded
-        runs["source"] = with_model_depth(fixed, cfg.growth.source_depth)
+        runs["source"] = fixed.with_model_depth(cfg.growth.source_depth)
     return runs
 
 
-def search_tau(cfg, *, storage: RayStorage, run_name: str, log=print, on_start=None,
-               on_result=None) -> SearchResult:
+def search_tau(
+    cfg, *, storage: RayStorage, run_name: str, log=print, on_start=None, on_result=None
+) -> SearchResult:
     """Run the probes, return mixing, τ plan, FLOPs and per-trial curves. ``on_start(roles, cap)`` and
     ``on_result(role, result)`` let the driver show live progress."""
     from ray import tune
@@ -182,18 +191,32 @@ def search_tau(cfg, *, storage: RayStorage, run_name: str, log=print, on_start=N
     b = cfg.train.batch_tokens
     expand_at = int(math.ceil(warmup / b)) * b  # end of warmup, on a step boundary
     roles = probe_runs(cfg, expand_at)
-    trials = [Probe(role, run, cap, max(1, int(cfg.tune.cpus_per_trial)), faults_from_env())
-              for role, run in roles.items()]
-    settings = MixSettings(expand_at, cfg.tune.rel_tol, cfg.tune.window_frac * (cap - expand_at), cfg.tune.smoothing,
-                           cfg.tune.min_depth_advantage)
+    trials = [
+        Probe(role, run, cap, max(1, int(cfg.tune.cpus_per_trial)), faults_from_env())
+        for role, run in roles.items()
+    ]
+    settings = MixSettings(
+        expand_at,
+        cfg.tune.rel_tol,
+        cfg.tune.window_frac * (cap - expand_at),
+        cfg.tune.smoothing,
+        cfg.tune.min_depth_advantage,
+    )
     curves = Curves()
-    trainable = tune.with_resources(probe_trainable, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
+    trainable = tune.with_resources(
+        probe_trainable, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
+    )
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(max_concurrent_trials=len(trials)),
-        run_config=tune.RunConfig(name=run_name, storage_path=storage.path, storage_filesystem=storage.filesystem,
-                                  stop=make_stopper(curves, settings, on_result), verbose=0),
+        run_config=tune.RunConfig(
+            name=run_name,
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
+            stop=make_stopper(curves, settings, on_result),
+            verbose=0,
+        ),
     )
     log(f"{len(trials)} probes ({', '.join(roles)}) x <= {cap:,} tokens, expansion at {expand_at:,} tokens")
     if cap == int(math.ceil(warmup / b) + 4) * b and not cfg.tune.max_search_tokens:
@@ -210,10 +233,18 @@ def search_tau(cfg, *, storage: RayStorage, run_name: str, log=print, on_start=N
         curves.points[role] = [(r["tokens"], r["train_loss"], r["flops"]) for r in train_rows]
         flops = float(max((r["flops"] for r in rows), default=0.0))
         search_flops += flops
-        summaries.append(ProbeTrial(role, int(max((r["tokens"] for r in rows), default=0)), flops,
-                                    [{"tokens": int(t), "train_loss": float(l), "flops": float(f)}
-                                     for t, l, f in curves.points[role]],
-                                    str(res.error) if res.error else None))
+        summaries.append(
+            ProbeTrial(
+                role,
+                int(max((r["tokens"] for r in rows), default=0)),
+                flops,
+                [
+                    {"tokens": int(t), "train_loss": float(loss), "flops": float(f)}
+                    for t, loss, f in curves.points[role]
+                ],
+                str(res.error) if res.error else None,
+            )
+        )
     failed = [s for s in summaries if s.error]
     if failed:
         raise RuntimeError(f"tau search trial {failed[0].role} failed: {failed[0].error}")
@@ -221,14 +252,30 @@ def search_tau(cfg, *, storage: RayStorage, run_name: str, log=print, on_start=N
     one_layer = settings.mix(curves, "progressive-1") if cfg.tune.one_layer_probe else None
     sched = cfg.schedule_fn()
     small, large = cfg.flops_per_unit()
-    plan: TauPlan = plan_tau(mix, total_tokens=cfg.train.total_tokens, warmup_tokens=sched.warmup_tokens,
-                             stable_end_tokens=sched.stable_end_tokens, small_flops_per_token=small,
-                             large_flops_per_token=large, search_flops=search_flops, safety=cfg.tune.safety,
-                             align=lambda t: align_tau(t, b, cfg.phase2_batch_tokens, cfg.train.total_tokens))
-    return SearchResult(t_mix_tokens=mix.t_mix_tokens, tau_tokens=plan.tau_tokens, expand=plan.expand,
-                        verdict=plan.verdict, search_flops=search_flops, trials=tuple(summaries), cap_tokens=cap,
-                        expand_at_tokens=expand_at, mix=mix.to_dict(), plan=plan.to_dict(),
-                        one_layer_t_mix_tokens=one_layer.t_mix_tokens if one_layer else None)
+    plan: TauPlan = plan_tau(
+        mix,
+        total_tokens=cfg.train.total_tokens,
+        warmup_tokens=sched.warmup_tokens,
+        stable_end_tokens=sched.stable_end_tokens,
+        small_flops_per_token=small,
+        large_flops_per_token=large,
+        search_flops=search_flops,
+        safety=cfg.tune.safety,
+        align=lambda t: align_tau(t, b, cfg.phase2_batch_tokens, cfg.train.total_tokens),
+    )
+    return SearchResult(
+        t_mix_tokens=mix.t_mix_tokens,
+        tau_tokens=plan.tau_tokens,
+        expand=plan.expand,
+        verdict=plan.verdict,
+        search_flops=search_flops,
+        trials=tuple(summaries),
+        cap_tokens=cap,
+        expand_at_tokens=expand_at,
+        mix=mix.to_dict(),
+        plan=plan.to_dict(),
+        one_layer_t_mix_tokens=one_layer.t_mix_tokens if one_layer else None,
+    )
 
 
 def align_tau(tau: int, batch1: int, batch2: int, total: int) -> int:
@@ -236,12 +283,6 @@ def align_tau(tau: int, batch1: int, batch2: int, total: int) -> int:
     ``total`` when it can, and which is a whole number of phase-1 batches."""
     tau = total - math.ceil((total - tau) / batch2) * batch2
     return max(batch1, (tau // batch1) * batch1)
-
-
-def with_model_depth(run: RunConfig, depth) -> RunConfig:
-    """``run`` with its model at ``depth`` (GPT-like depth or ResNet blocks)."""
-    key = "blocks" if isinstance(depth, (list, tuple)) else "n_layer"
-    return replace(run, model={**run.model, key: list(depth) if key == "blocks" else depth})
 
 
 def search_lr(cfg, *, storage: RayStorage, run_name: str, log=print) -> LrSearchResult:
@@ -253,8 +294,11 @@ def search_lr(cfg, *, storage: RayStorage, run_name: str, log=print) -> LrSearch
     tokens = ls.tokens or search_cap_tokens(cfg)
     source_depth = cfg.growth.source_depth
     base = cfg.run_config()
-    base = with_model_depth(replace(base, growth=replace(base.growth, enabled=False),
-                                    train=replace(base.train, checkpoint_every_tokens=None)), source_depth)
+    base = replace(
+        base,
+        growth=replace(base.growth, enabled=False),
+        train=replace(base.train, checkpoint_every_tokens=None),
+    ).with_model_depth(source_depth)
 
     def trainable(config: dict) -> None:
         import torch
@@ -269,14 +313,27 @@ def search_lr(cfg, *, storage: RayStorage, run_name: str, log=print) -> LrSearch
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}),
         param_space={"lr": tune.loguniform(ls.lr_min, ls.lr_max)},
-        tune_config=tune.TuneConfig(metric="train_loss", mode="min", num_samples=ls.num_samples,
-                                    search_alg=OptunaSearch(seed=cfg.train.seed), max_concurrent_trials=2),
-        run_config=tune.RunConfig(name=run_name, storage_path=storage.path, storage_filesystem=storage.filesystem,
-                                  verbose=0),
+        tune_config=tune.TuneConfig(
+            metric="train_loss",
+            mode="min",
+            num_samples=ls.num_samples,
+            search_alg=OptunaSearch(seed=cfg.train.seed),
+            max_concurrent_trials=2,
+        ),
+        run_config=tune.RunConfig(
+            name=run_name, storage_path=storage.path, storage_filesystem=storage.filesystem, verbose=0
+        ),
     )
     log(f"lr search: Optuna, {ls.num_samples} trials x {tokens:,} tokens on the {source_depth}-layer model")
     grid = tuner.fit()
     best = grid.get_best_result()
-    trials = [{"lr": r.config["lr"], "train_loss": r.metrics.get("train_loss"), "flops": r.metrics.get("flops", 0.0)}
-              for r in grid if r.metrics]
+    trials = [
+        {
+            "lr": r.config["lr"],
+            "train_loss": r.metrics.get("train_loss"),
+            "flops": r.metrics.get("flops", 0.0),
+        }
+        for r in grid
+        if r.metrics
+    ]
     return LrSearchResult(float(best.config["lr"]), trials, float(sum(t["flops"] for t in trials)))

@@ -26,21 +26,28 @@ def markdown_table(rows: list[dict]) -> str:
     pct = percent_cols(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [(f"{r[c]:+.2%}" if c.startswith("gap") else f"{r[c]:.1%}") if c in pct and isinstance(r.get(c), float)
-                 else fmt(r.get(c)) for c in cols]
+        cells = [
+            (f"{r[c]:+.2%}" if c.startswith("gap") else f"{r[c]:.1%}")
+            if c in pct and isinstance(r.get(c), float)
+            else fmt(r.get(c))
+            for c in cols
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def report_markdown(exp, scale: str, analysis: dict, meta: dict) -> str:
-    return (f"# {exp.name} ({exp.figure})\n\n"
-            f"Claim: {exp.claim}.\n\n"
-            f"**Verdict — {analysis['verdict']}**\n\n"
-            + "".join(f"Note: {n}\n\n" for n in analysis.get("notes", []))
-            + f"Scale `{scale}`; {meta['trials']} trials; {meta['wall_s']:.0f} s wall on {meta['machine']}; {meta['date']}.\n"
-            f"Command: `{meta['command']}`\n\n"
-            + markdown_table(analysis["rows"])
-            + "".join(f"\n![{p['title']}]({name})\n" for name, p in zip(meta["plot_files"], analysis["plots"])))
+    return (
+        f"# {exp.name} ({exp.figure})\n\n"
+        f"Claim: {exp.claim}.\n\n"
+        f"**Verdict — {analysis['verdict']}**\n\n"
+        + "".join(f"Note: {n}\n\n" for n in analysis.get("notes", []))
+        + f"Scale `{scale}`; {meta['trials']} trials; {meta['wall_s']:.0f} s wall on {meta['machine']}; "
+        f"{meta['date']}.\n"
+        f"Command: `{meta['command']}`\n\n"
+        + markdown_table(analysis["rows"])
+        + "".join(f"\n![{p['title']}]({name})\n" for name, p in zip(meta["plot_files"], analysis["plots"]))
+    )
 
 
 def plot_png(plot: dict) -> bytes:
@@ -55,7 +62,9 @@ def plot_png(plot: dict) -> bytes:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         if plot["kind"] == "scatter":
-            ax.plot(xs, ys, "o-" if len(pts) > 1 and plot.get("xlabel") == "FLOPs" else "o", label=label, ms=4)
+            ax.plot(
+                xs, ys, "o-" if len(pts) > 1 and plot.get("xlabel") == "FLOPs" else "o", label=label, ms=4
+            )
         else:
             ax.plot(xs, ys, label=label, lw=1.2)
     for y in plot.get("hlines", []):

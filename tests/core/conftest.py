@@ -9,7 +9,9 @@ TINY_LM = dict(vocab_size=96, block_size=32, n_embd=64, head_dim=16)
 def tiny(kind: str, depth, **over):
     """Small configs of every testbed model, at a given depth (int, or 4 ints for ResNet)."""
     if kind == "resnet":
-        return build_model("resnet", blocks=tuple(depth), **{"base_width": 4, "num_classes": 10, "stem": "cifar", **over})
+        return build_model(
+            "resnet", blocks=tuple(depth), **{"base_width": 4, "num_classes": 10, "stem": "cifar", **over}
+        )
     if kind == "moe":
         return build_model("moe", n_layer=depth, **{**TINY_LM, "n_experts": 4, **over})
     if kind == "llama":

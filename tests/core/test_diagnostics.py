@@ -17,10 +17,12 @@ def test_spectral_rows_and_targets():
     wpe = rows["wpe.weight"]
     assert (wpe.fan_in, wpe.fan_out, wpe.role) == (32, 128, "embedding")  # one-hot position -> d
     # N(0, 0.02) init of a 512x128 matrix: sigma ~ 0.02 (sqrt(512) + sqrt(128)) = 0.68
-    assert fc.spectral_norm == pytest.approx(0.02 * (512 ** 0.5 + 128 ** 0.5), rel=0.15)
+    assert fc.spectral_norm == pytest.approx(0.02 * (512**0.5 + 128**0.5), rel=0.15)
 
 
-@pytest.mark.parametrize("method,violates", [("random", False), ("copying", False), ("zero", True), ("copying_zero", True)])
+@pytest.mark.parametrize(
+    "method,violates", [("random", False), ("copying", False), ("zero", True), ("copying_zero", True)]
+)
 def test_table1_mup_condition_after_expansion(method, violates):
     model = tiny("gpt", 1, n_embd=128, head_dim=32)
     expand_depth(model, 3, method)
@@ -56,7 +58,7 @@ def test_normal_embeddings_are_not_flagged(vocab, d):
     torch.nn.init.normal_(emb.weight, std=0.02)
     (row,) = spectral_report(emb)
     assert (row.fan_in, row.fan_out, row.role) == (vocab, d, "embedding")
-    assert row.satisfies_mup and row.ratio == pytest.approx(0.02 * vocab ** 0.5, rel=0.3), row.ratio
+    assert row.satisfies_mup and row.ratio == pytest.approx(0.02 * vocab**0.5, rel=0.3), row.ratio
     spectral_ratio = torch.linalg.matrix_norm(emb.weight, ord=2).item() / row.target
     if vocab > 10 * d:  # token tables: what measuring the spectral norm reported
         assert spectral_ratio > 10 and not RATIO_BAND[0] <= spectral_ratio <= RATIO_BAND[1]

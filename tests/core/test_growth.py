@@ -19,7 +19,9 @@ def logits_of(model, kind, x):
 
 
 @pytest.mark.parametrize("kind", sorted(SOURCES))
-@pytest.mark.parametrize("method,sources", [("zero", SOURCES), ("zero", ONE_LAYER), ("copying_zero", ONE_LAYER)])
+@pytest.mark.parametrize(
+    "method,sources", [("zero", SOURCES), ("zero", ONE_LAYER), ("copying_zero", ONE_LAYER)]
+)
 def test_function_preserving_methods_keep_logits(kind, method, sources):
     src, dst = sources[kind]
     model = tiny(kind, src)
@@ -66,7 +68,9 @@ def test_zero_expansion_keeps_an_moes_reported_loss():
 
 
 @pytest.mark.parametrize("kind", sorted(SOURCES))
-@pytest.mark.parametrize("method,sources", [("random", SOURCES), ("random", ONE_LAYER), ("copying", ONE_LAYER)])
+@pytest.mark.parametrize(
+    "method,sources", [("random", SOURCES), ("random", ONE_LAYER), ("copying", ONE_LAYER)]
+)
 def test_mup_methods_change_the_function(kind, method, sources):
     src, dst = sources[kind]
     model = tiny(kind, src)
@@ -153,7 +157,7 @@ def test_resnet_expands_each_stage():
     assert model.config.blocks == (3, 4, 6, 3)
     assert record.target_depths == {"stage1": 2, "stage2": 3, "stage3": 5, "stage4": 2}
     assert [len(s.rest) for s in model.stages] == [2, 3, 5, 2]
-    assert model.config.depth == 50
+    assert model.config.conventional_depth == 50 and model.config.depth == [3, 4, 6, 3]
 
 
 def test_random_new_layers_use_target_depth_residual_init():
@@ -208,8 +212,9 @@ def test_copy_optimizer_state_option_and_layout_matches_fresh_optimizer():
         assert torch.equal(opt.state[p]["momentum_buffer"], opt.state[src]["momentum_buffer"])
         assert opt.state[p]["momentum_buffer"] is not opt.state[src]["momentum_buffer"]
     fresh = build_optimizer(model, "muon_nsgd")
-    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == \
-        [[id(p) for p in g["params"]] for g in fresh.param_groups]
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [
+        [id(p) for p in g["params"]] for g in fresh.param_groups
+    ]
 
 
 @pytest.mark.slow

@@ -4,13 +4,15 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("modules", [
-    "progrow_ray.core, progrow_ray.core.flops, progrow_ray.core.mixing, progrow_ray.core.diagnostics",
-    "progrow_ray.engine, progrow_ray.engine.trainer, progrow_ray.data.sampler, progrow_ray.data.prepare, "
-    "progrow_ray.train, progrow_ray.bench.__main__",
-])
+@pytest.mark.parametrize(
+    "modules",
+    [
+        "progrow_ray.core, progrow_ray.core.flops, progrow_ray.core.mixing, progrow_ray.core.diagnostics",
+        "progrow_ray.engine, progrow_ray.engine.trainer, progrow_ray.data.sampler, progrow_ray.data.prepare, "
+        "progrow_ray.train, progrow_ray.bench.__main__",
+    ],
+)
 def test_core_and_engine_import_no_ray_mlflow_or_s3fs(modules):
     """They must run on a bare GPU box where only torch is installed."""
-    code = (f"import sys, {modules}; "
-            "bad = {'ray', 'mlflow', 's3fs'} & set(sys.modules); assert not bad, bad")
+    code = f"import sys, {modules}; bad = {{'ray', 'mlflow', 's3fs'}} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -85,8 +85,13 @@ def mixed(t_mix_tokens, gap=0.004):
     return MixResult(True, t_mix_tokens, 100 + t_mix_tokens, gap, gap / 2)
 
 
-PLAN = dict(total_tokens=1_000_000, warmup_tokens=20_000, stable_end_tokens=800_000,
-            small_flops_per_token=1.0, large_flops_per_token=10.0)
+PLAN = dict(
+    total_tokens=1_000_000,
+    warmup_tokens=20_000,
+    stable_end_tokens=800_000,
+    small_flops_per_token=1.0,
+    large_flops_per_token=10.0,
+)
 
 
 def test_tau_is_stable_end_minus_t_mix_with_flops_and_verdict():
@@ -128,8 +133,18 @@ def deep_advantage_curves(scale=15_000.0, end=80_000, n=800):
 def test_source_curve_ignores_the_trivial_early_meeting():
     t, fixed, source, prog = deep_advantage_curves()
     naive = t_mix(t, fixed, t, prog, TAU, rel_tol=0.01, window_tokens=2_000)
-    aware = t_mix(t, fixed, t, prog, TAU, rel_tol=0.01, window_tokens=2_000, source_tokens=t, source_loss=source,
-                  min_advantage_rel=0.02)
+    aware = t_mix(
+        t,
+        fixed,
+        t,
+        prog,
+        TAU,
+        rel_tol=0.01,
+        window_tokens=2_000,
+        source_tokens=t,
+        source_loss=source,
+        min_advantage_rel=0.02,
+    )
     assert naive.mixed and naive.t_mix_tokens < 3_000  # fooled: A(t) is still tiny there
     assert aware.mixed
     # from the first point where A/fixed >= 2% and the excess A e^{-x/scale} <= 1% of fixed: x >= scale ln 2
@@ -144,20 +159,35 @@ def test_source_curve_ignores_the_trivial_early_meeting():
 def test_no_depth_advantage_means_no_tau():
     t, fixed, _, prog = deep_advantage_curves()
     flat_source = fixed * 1.005  # depth buys 0.5%: below the 2% needed to time anything
-    r = t_mix(t, fixed, t, prog, TAU, rel_tol=0.01, source_tokens=t, source_loss=flat_source, min_advantage_rel=0.02)
+    r = t_mix(
+        t, fixed, t, prog, TAU, rel_tol=0.01, source_tokens=t, source_loss=flat_source, min_advantage_rel=0.02
+    )
     assert not r.mixed and "no measurable advantage" in r.note
     assert abs(r.depth_advantage_rel - 0.005) < 1e-3
-    plan = plan_tau(r, total_tokens=100_000, warmup_tokens=2_000, stable_end_tokens=80_000,
-                    small_flops_per_token=1.0, large_flops_per_token=4.0)
+    plan = plan_tau(
+        r,
+        total_tokens=100_000,
+        warmup_tokens=2_000,
+        stable_end_tokens=80_000,
+        small_flops_per_token=1.0,
+        large_flops_per_token=4.0,
+    )
     assert not plan.expand and "no measurable advantage" in plan.verdict
 
 
 def test_safety_reproduces_the_papers_worked_example():
     """Paper §5.2: 600k iterations, 2% warmup, 10% decay (528k at constant lr, the stable phase ends at
     540k), t_mix ~ 40k, tau = 480k: a 60k margin, t_mix x 1.5 -> tune.safety = 0.5 (README)."""
-    kw = dict(total_tokens=600_000, warmup_tokens=12_000, stable_end_tokens=540_000,
-              small_flops_per_token=1.0, large_flops_per_token=10.0)
+    kw = dict(
+        total_tokens=600_000,
+        warmup_tokens=12_000,
+        stable_end_tokens=540_000,
+        small_flops_per_token=1.0,
+        large_flops_per_token=10.0,
+    )
     mix = MixResult(True, 40_000, 500_000, 0.0, 0.0)
     assert plan_tau(mix, safety=0.5, **kw).tau_tokens == 480_000
     assert plan_tau(mix, **kw).tau_tokens == 500_000
-    assert plan_tau(MixResult(True, 0, 540_000, 0.0, 0.0), **kw).tau_tokens < 540_000  # never at the decay's start
+    assert (
+        plan_tau(MixResult(True, 0, 540_000, 0.0, 0.0), **kw).tau_tokens < 540_000
+    )  # never at the decay's start

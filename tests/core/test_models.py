@@ -27,9 +27,15 @@ def test_zero_layer_gpt_is_embeddings_norm_head():
     assert last.shape == (x.size(0), 1, 96) and none is None
 
 
-@pytest.mark.parametrize("kind,src,dst", [
-    ("gpt", 0, 3), ("llama", 0, 2), ("moe", 0, 2), ("resnet", (1, 1, 1, 1), (2, 2, 3, 2)),
-])
+@pytest.mark.parametrize(
+    "kind,src,dst",
+    [
+        ("gpt", 0, 3),
+        ("llama", 0, 2),
+        ("moe", 0, 2),
+        ("resnet", (1, 1, 1, 1), (2, 2, 3, 2)),
+    ],
+)
 def test_every_model_trains_before_and_after_expansion(kind, src, dst):
     model = tiny(kind, src)
     opt = build_optimizer(model, "muon_nsgd", lr=0.02)
@@ -68,7 +74,10 @@ def test_moe_aux_losses_are_finite_and_routing_is_spread():
     logits, loss = model(x, y)
     ce_only = torch.nn.functional.cross_entropy(logits.reshape(-1, 96), y.reshape(-1))
     assert loss.item() == pytest.approx(ce_only.item(), rel=1e-6)  # the reported loss: LM cross-entropy only
-    expected = model.config.aux_loss_weight * metrics["moe_aux_loss"] + model.config.z_loss_weight * metrics["moe_z_loss"]
+    expected = (
+        model.config.aux_loss_weight * metrics["moe_aux_loss"]
+        + model.config.z_loss_weight * metrics["moe_z_loss"]
+    )
     assert model.auxiliary_loss().item() == pytest.approx(expected, rel=1e-4)  # what training adds
 
 
@@ -92,17 +101,20 @@ def test_llama_uses_grouped_query_attention_and_rope():
     assert not torch.allclose(a[:, 5], b[:, 6])  # position matters through RoPE
 
 
-@pytest.mark.parametrize("kind,fields,match", [
-    ("gpt", dict(n_layer=-1), "n_layer"),
-    ("gpt", dict(n_embd=100), "head_dim"),
-    ("gpt", dict(dropout=1.5), "dropout"),
-    ("gpt", dict(n_layers=3), "unknown model field"),
-    ("moe", dict(top_k=9), "top_k"),
-    ("llama", dict(n_kv_head=5), "n_kv_head"),
-    ("resnet", dict(blocks=(1, 1, 1)), "model.blocks"),
-    ("resnet", dict(stem="tiny"), "model.stem"),
-    ("vit", {}, "model.kind"),
-])
+@pytest.mark.parametrize(
+    "kind,fields,match",
+    [
+        ("gpt", dict(n_layer=-1), "n_layer"),
+        ("gpt", dict(n_embd=100), "head_dim"),
+        ("gpt", dict(dropout=1.5), "dropout"),
+        ("gpt", dict(n_layers=3), "unknown model field"),
+        ("moe", dict(top_k=9), "top_k"),
+        ("llama", dict(n_kv_head=5), "n_kv_head"),
+        ("resnet", dict(blocks=(1, 1, 1)), "model.blocks"),
+        ("resnet", dict(stem="tiny"), "model.stem"),
+        ("vit", {}, "model.kind"),
+    ],
+)
 def test_bad_model_configs(kind, fields, match):
     with pytest.raises(ConfigError, match=match):
         make_config(kind, **fields)

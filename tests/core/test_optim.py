@@ -40,18 +40,27 @@ def test_matrix_layouts_follow_each_weights_logical_fans():
     lay = matrix_layouts(moe)
     assert lay[moe.blocks[0].mlp.w_fc] == MatrixLayout("experts", 4, 256, 64)  # stored (E, in=64, out=256)
     assert lay[moe.blocks[0].mlp.w_proj] == MatrixLayout("experts", 4, 64, 256)
-    assert matrix_layouts(gpt)[gpt.wte.weight] == MatrixLayout("linear", 1, 96, 64)  # tied to the head: the head's fans
-    assert matrix_layouts(gpt)[gpt.wpe.weight] == MatrixLayout("embedding", 1, 64, 32)  # one-hot position -> d
+    assert matrix_layouts(gpt)[gpt.wte.weight] == MatrixLayout(
+        "linear", 1, 96, 64
+    )  # tied to the head: the head's fans
+    assert matrix_layouts(gpt)[gpt.wpe.weight] == MatrixLayout(
+        "embedding", 1, 64, 32
+    )  # one-hot position -> d
     assert matrix_layouts(llama)[llama.tok_embeddings.weight] == MatrixLayout("embedding", 1, 64, 96)
     conv = nn.Conv2d(8, 6, 3, groups=2)
     assert matrix_layouts(conv)[conv.weight] == MatrixLayout("conv", 2, 3, 4 * 9)
-    for p, layout in [(moe.blocks[0].mlp.w_fc, lay[moe.blocks[0].mlp.w_fc]), (conv.weight, matrix_layouts(conv)[conv.weight]),
-                      (llama.tok_embeddings.weight, MatrixLayout("embedding", 1, 64, 96))]:
+    for p, layout in [
+        (moe.blocks[0].mlp.w_fc, lay[moe.blocks[0].mlp.w_fc]),
+        (conv.weight, matrix_layouts(conv)[conv.weight]),
+        (llama.tok_embeddings.weight, MatrixLayout("embedding", 1, 64, 96)),
+    ]:
         m = layout.matrices(p)
         assert m.shape == (layout.batch, layout.fan_out, m.size(-1))
         assert torch.equal(layout.stored(m, p), p)
     # the expert matrices are the maps x -> x @ W_e: (out, in) = W_e^T
-    assert torch.equal(lay[moe.blocks[0].mlp.w_fc].matrices(moe.blocks[0].mlp.w_fc)[1], moe.blocks[0].mlp.w_fc[1].T)
+    assert torch.equal(
+        lay[moe.blocks[0].mlp.w_fc].matrices(moe.blocks[0].mlp.w_fc)[1], moe.blocks[0].mlp.w_fc[1].T
+    )
 
 
 def _one_step_update(opt, params, grads):
@@ -76,18 +85,28 @@ def test_moe_expert_update_equals_the_equivalent_dense_layers():
     dense = nn.ModuleDict({"up": up, "down": down})
     g_up, g_down = torch.randn(256, 64), torch.randn(64, 256)
     kw = dict(lr=1.0, weight_decay=0.0, momentum=0.0)
-    du, dd = _one_step_update(build_optimizer(dense, "muon_nsgd", **kw), [up.weight, down.weight], [g_up, g_down])
-    eu, ed = _one_step_update(build_optimizer(moe, "muon_nsgd", **kw), [mlp.w_fc, mlp.w_proj],
-                              [g_up.T.unsqueeze(0), g_down.T.unsqueeze(0)])
+    du, dd = _one_step_update(
+        build_optimizer(dense, "muon_nsgd", **kw), [up.weight, down.weight], [g_up, g_down]
+    )
+    eu, ed = _one_step_update(
+        build_optimizer(moe, "muon_nsgd", **kw),
+        [mlp.w_fc, mlp.w_proj],
+        [g_up.T.unsqueeze(0), g_down.T.unsqueeze(0)],
+    )
     torch.testing.assert_close(eu[0].T, du, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(ed[0].T, dd, atol=1e-6, rtol=1e-5)
     assert 2 * 0.6 < _spectral(du) < 2 * 1.25 and 0.6 < _spectral(dd) < 1.25
     # several experts: each one's update norm is the dense layer's
     moe4 = tiny("moe", 1, n_experts=4)
     mlp4 = moe4.blocks[0].mlp
-    eu4, ed4 = _one_step_update(build_optimizer(moe4, "muon_nsgd", **kw), [mlp4.w_fc, mlp4.w_proj],
-                                [torch.randn(4, 64, 256), torch.randn(4, 256, 64)])
-    assert torch.allclose(_spectral(eu4), _spectral(du), rtol=0.15) and torch.allclose(_spectral(ed4), _spectral(dd), rtol=0.15)
+    eu4, ed4 = _one_step_update(
+        build_optimizer(moe4, "muon_nsgd", **kw),
+        [mlp4.w_fc, mlp4.w_proj],
+        [torch.randn(4, 64, 256), torch.randn(4, 256, 64)],
+    )
+    assert torch.allclose(_spectral(eu4), _spectral(du), rtol=0.15) and torch.allclose(
+        _spectral(ed4), _spectral(dd), rtol=0.15
+    )
 
 
 def test_untied_embedding_update_follows_the_one_hot_rule():
@@ -95,8 +114,11 @@ def test_untied_embedding_update_follows_the_one_hot_rule():
     its (V, d) output head keeps the factor as the Linear it is."""
     llama = tiny("llama", 0, vocab_size=1024)
     emb, head = llama.tok_embeddings.weight, llama.output.weight
-    d_emb, d_head = _one_step_update(build_optimizer(llama, "muon_nsgd", lr=1.0, weight_decay=0.0, momentum=0.0),
-                                     [emb, head], [torch.randn(1024, 64), torch.randn(1024, 64)])
+    d_emb, d_head = _one_step_update(
+        build_optimizer(llama, "muon_nsgd", lr=1.0, weight_decay=0.0, momentum=0.0),
+        [emb, head],
+        [torch.randn(1024, 64), torch.randn(1024, 64)],
+    )
     assert 0.6 < _spectral(d_emb) < 1.25
     assert 4 * 0.6 < _spectral(d_head) < 4 * 1.25  # sqrt(1024 / 64)
 
@@ -107,10 +129,13 @@ def test_muon_scale_conventions(convention):
     gpt = tiny("gpt", 1)
     fc, proj, wpe = gpt.blocks[0].mlp.c_fc.weight, gpt.blocks[0].mlp.c_proj.weight, gpt.wpe.weight
     opt = build_optimizer(gpt, "muon_nsgd", lr=1.0, weight_decay=0.0, momentum=0.0, muon_scale=convention)
-    d_fc, d_proj, d_wpe = _one_step_update(opt, [fc, proj, wpe], [torch.randn_like(fc), torch.randn_like(proj),
-                                                                 torch.randn_like(wpe)])
+    d_fc, d_proj, d_wpe = _one_step_update(
+        opt, [fc, proj, wpe], [torch.randn_like(fc), torch.randn_like(proj), torch.randn_like(wpe)]
+    )
     # wpe: 32 positions -> d = 64, a 64 x 32 map
-    expected = {"jordan": (2.0, 1.0, 2 ** 0.5), "none": (1.0, 1.0, 1.0), "spectral": (2.0, 0.5, 2 ** 0.5)}[convention]
+    expected = {"jordan": (2.0, 1.0, 2**0.5), "none": (1.0, 1.0, 1.0), "spectral": (2.0, 0.5, 2**0.5)}[
+        convention
+    ]
     for delta, factor in zip((d_fc, d_proj, d_wpe), expected):
         s = torch.linalg.svdvals(delta)
         s = s[: min(delta.shape)]
@@ -121,10 +146,13 @@ def test_muon_scale_conventions(convention):
 
 def test_grouped_convolution_is_orthogonalised_per_group():
     conv = nn.Conv2d(8, 8, 3, groups=2, bias=False)
-    (delta,) = _one_step_update(build_optimizer(conv, "muon_nsgd", lr=1.0, weight_decay=0.0, momentum=0.0),
-                                [conv.weight], [torch.randn(8, 4, 3, 3)])
+    (delta,) = _one_step_update(
+        build_optimizer(conv, "muon_nsgd", lr=1.0, weight_decay=0.0, momentum=0.0),
+        [conv.weight],
+        [torch.randn(8, 4, 3, 3)],
+    )
     for g in range(2):  # each group's (4, 36) matrix is semi-orthogonal on its own: 4 singular values ~1
-        s = torch.linalg.svdvals(delta[4 * g:4 * (g + 1)].reshape(4, -1))
+        s = torch.linalg.svdvals(delta[4 * g : 4 * (g + 1)].reshape(4, -1))
         assert 0.6 < s.min() and s.max() < 1.25
 
 
@@ -165,8 +193,12 @@ def test_resume_and_copies_keep_the_configured_form():
     new = build_optimizer(gpt, "muon_nsgd")
     new.load_state_dict(old.state_dict())
     assert {g["kind"]: (g["nesterov"], g["muon_scale"]) for g in new.param_groups} == {
-        "muon": (True, "jordan"), "nsgd": (False, "jordan")}
-    assert torch.equal(new.state[gpt.wte.weight]["momentum_buffer"], old.state[gpt.wte.weight]["momentum_buffer"])
+        "muon": (True, "jordan"),
+        "nsgd": (False, "jordan"),
+    }
+    assert torch.equal(
+        new.state[gpt.wte.weight]["momentum_buffer"], old.state[gpt.wte.weight]["momentum_buffer"]
+    )
     twin = copy.deepcopy(new)  # torch's pickling keeps defaults / state / groups only
     twin.step()
 
@@ -193,7 +225,9 @@ def test_muon_matches_torch_optim_muon_on_matrices():
     torch.manual_seed(0)
     w0 = torch.randn(48, 32)
     ours, ref = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
-    opt_ours = MuonNSGD([{"params": [ours], "kind": "muon"}], lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    opt_ours = MuonNSGD(
+        [{"params": [ours], "kind": "muon"}], lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16
+    )
     opt_ref = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True)
     for _ in range(4):
         g = torch.randn(48, 32)

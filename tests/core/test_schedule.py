@@ -15,7 +15,7 @@ def test_wsd_values_at_boundaries():
     assert s(2_000_000) == 0.0  # clamped past the end
 
 
-@pytest.mark.parametrize("shape,mid", [("linear", 0.5), ("1-sqrt", 1 - 0.5 ** 0.5), ("cosine", 0.5)])
+@pytest.mark.parametrize("shape,mid", [("linear", 0.5), ("1-sqrt", 1 - 0.5**0.5), ("cosine", 0.5)])
 def test_wsd_decay_shapes_and_floor(shape, mid):
     s = WSD(1000, warmup_frac=0.0, decay_frac=0.5, decay_shape=shape, final_frac=0.1)
     assert s(500) == 1.0
@@ -50,12 +50,15 @@ def test_schedule_position_survives_a_batch_change():
     assert step_lr(s, 0.01, 99_000, 1000) == pytest.approx(0.01 * 500 / 20_000)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(total_tokens=0), "total tokens"),
-    (dict(total_tokens=10, warmup_frac=0.9, decay_frac=0.2), "warmup_frac \\+ decay_frac"),
-    (dict(total_tokens=10, decay_shape="exp"), "decay_shape"),
-    (dict(total_tokens=10, decay_frac=0.0), "decay_frac"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(total_tokens=0), "total tokens"),
+        (dict(total_tokens=10, warmup_frac=0.9, decay_frac=0.2), "warmup_frac \\+ decay_frac"),
+        (dict(total_tokens=10, decay_shape="exp"), "decay_shape"),
+        (dict(total_tokens=10, decay_frac=0.0), "decay_frac"),
+    ],
+)
 def test_bad_wsd_settings(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         WSD(**kwargs)

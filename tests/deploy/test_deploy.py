@@ -38,8 +38,16 @@ def test_manifests_pass_the_project_check(manifest):
 def test_check_jsonschema_cli_accepts_the_rayjob():
     exe = Path(sys.executable).parent / "check-jsonschema"
     for kind in ("rayjob", "raycluster"):
-        p = subprocess.run([str(exe), "--schemafile", str(K8S / "schemas" / f"{kind}.v1.strict.schema.json"),
-                            str(K8S / f"{kind}.yaml")], capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                str(exe),
+                "--schemafile",
+                str(K8S / "schemas" / f"{kind}.v1.strict.schema.json"),
+                str(K8S / f"{kind}.yaml"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert p.returncode == 0, p.stdout + p.stderr
 
 
@@ -57,35 +65,75 @@ def _resources(d):
 
 MUTATIONS = [
     ("misspelt field", lambda d: _group(d).__setitem__("maxReplica", 8), "Additional properties"),
-    ("misspelt nested field", lambda d: d["spec"].__setitem__("shutdownAfterJobFinish", True), "Additional properties"),
+    (
+        "misspelt nested field",
+        lambda d: d["spec"].__setitem__("shutdownAfterJobFinish", True),
+        "Additional properties",
+    ),
     ("bad submission mode", lambda d: d["spec"].__setitem__("submissionMode", "K8sJob"), "submissionMode"),
-    ("min > max", lambda d: _group(d).update(minReplicas=5, maxReplicas=2), "minReplicas (5) <= maxReplicas (2)"),
+    (
+        "min > max",
+        lambda d: _group(d).update(minReplicas=5, maxReplicas=2),
+        "minReplicas (5) <= maxReplicas (2)",
+    ),
     ("negative min", lambda d: _group(d).update(minReplicas=-1), "0 <= minReplicas (-1)"),
     ("no maxReplicas", lambda d: _group(d).pop("maxReplicas"), "set both minReplicas and maxReplicas"),
     ("restartPolicy", lambda d: _worker_pod(d).__setitem__("restartPolicy", "Always"), "autoscaler v2"),
-    ("plaintext secret", lambda d: _worker_pod(d)["containers"][0]["env"].__setitem__(
-        1, {"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}), "plaintext value"),
-    ("image tag", lambda d: _worker_pod(d)["containers"][0].__setitem__("image", "rayproject/ray:2.59.0-gpu"),
-     "not tagged with the pinned Ray"),
+    (
+        "plaintext secret",
+        lambda d: _worker_pod(d)["containers"][0]["env"].__setitem__(
+            1, {"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"}
+        ),
+        "plaintext value",
+    ),
+    (
+        "image tag",
+        lambda d: _worker_pod(d)["containers"][0].__setitem__("image", "rayproject/ray:2.59.0-gpu"),
+        "not tagged with the pinned Ray",
+    ),
     ("ray version", lambda d: d["spec"]["rayClusterSpec"].__setitem__("rayVersion", "2.9.0"), "rayVersion"),
     ("root pods", lambda d: _worker_pod(d).pop("securityContext"), "runAsNonRoot"),
     ("wrong type", lambda d: _group(d).__setitem__("maxReplicas", "eight"), "maxReplicas"),
-    ("gpu request != limit", lambda d: _resources(d)["requests"].__setitem__("nvidia.com/gpu", "4"),
-     "requests (4) != limits (8)"),
+    (
+        "gpu request != limit",
+        lambda d: _resources(d)["requests"].__setitem__("nvidia.com/gpu", "4"),
+        "requests (4) != limits (8)",
+    ),
     ("no /dev/shm", lambda d: _worker_pod(d).pop("volumes"), "/dev/shm from an emptyDir with medium: Memory"),
-    ("/dev/shm on disk", lambda d: _worker_pod(d)["volumes"][0].__setitem__("emptyDir", {}), "medium: Memory"),
-    ("/dev/shm >= memory", lambda d: _worker_pod(d)["volumes"][0]["emptyDir"].__setitem__("sizeLimit", "600Gi"),
-     "charged to the memory limit"),
-    ("CPUs strand GPUs", lambda d: [_resources(d)[k].__setitem__("cpu", "32") for k in ("requests", "limits")],
-     "8 GPUs per pod but 32 CPUs hold only 4 worker(s) of ray.cpus_per_worker=8"),
-    ("too few GPUs", lambda d: [g.update(maxReplicas=1) for g in d["spec"]["rayClusterSpec"]["workerGroupSpecs"]],
-     "needs 10 workers at once (ray.workers_large=8 + ray.workers_small=2 (ray.standby))"),
-    ("no probe pod", lambda d: d["spec"].__setitem__("entrypoint",
-                                                     d["spec"]["entrypoint"] + " --set tune.cpus_per_trial=128"),
-     "no group has a pod for a tau probe"),
-    ("missing preset", lambda d: d["spec"].__setitem__("entrypoint",
-                                                       "python -m progrow_ray.pipeline --config jobs/nope.yaml"),
-     "jobs/nope.yaml does not exist"),
+    (
+        "/dev/shm on disk",
+        lambda d: _worker_pod(d)["volumes"][0].__setitem__("emptyDir", {}),
+        "medium: Memory",
+    ),
+    (
+        "/dev/shm >= memory",
+        lambda d: _worker_pod(d)["volumes"][0]["emptyDir"].__setitem__("sizeLimit", "600Gi"),
+        "charged to the memory limit",
+    ),
+    (
+        "CPUs strand GPUs",
+        lambda d: [_resources(d)[k].__setitem__("cpu", "32") for k in ("requests", "limits")],
+        "8 GPUs per pod but 32 CPUs hold only 4 worker(s) of ray.cpus_per_worker=8",
+    ),
+    (
+        "too few GPUs",
+        lambda d: [g.update(maxReplicas=1) for g in d["spec"]["rayClusterSpec"]["workerGroupSpecs"]],
+        "needs 10 workers at once (ray.workers_large=8 + ray.workers_small=2 (ray.standby))",
+    ),
+    (
+        "no probe pod",
+        lambda d: d["spec"].__setitem__(
+            "entrypoint", d["spec"]["entrypoint"] + " --set tune.cpus_per_trial=128"
+        ),
+        "no group has a pod for a tau probe",
+    ),
+    (
+        "missing preset",
+        lambda d: d["spec"].__setitem__(
+            "entrypoint", "python -m progrow_ray.pipeline --config jobs/nope.yaml"
+        ),
+        "jobs/nope.yaml does not exist",
+    ),
 ]
 
 
@@ -101,14 +149,19 @@ def test_broken_rayjob_fails_the_project_check(tmp_path, name, mutate, message):
 
 def test_deploy_check_cli_exit_codes(tmp_path):
     files = [*map(str, K8S.glob("*.yaml")), *(str(ROOT / "cluster" / n) for n in LAUNCHERS)]
-    ok = subprocess.run([sys.executable, "-m", "progrow_ray.deploy_check", *files], capture_output=True, text=True,
-                        cwd=ROOT)
+    ok = subprocess.run(
+        [sys.executable, "-m", "progrow_ray.deploy_check", *files], capture_output=True, text=True, cwd=ROOT
+    )
     assert ok.returncode == 0 and "0 problem(s)" in ok.stdout
     doc = yaml.safe_load(RAYJOB.read_text())
     doc["spec"]["entrypont"] = "typo"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
-    bad = subprocess.run([sys.executable, "-m", "progrow_ray.deploy_check", str(tmp_path / "bad.yaml")],
-                         capture_output=True, text=True, cwd=ROOT)
+    bad = subprocess.run(
+        [sys.executable, "-m", "progrow_ray.deploy_check", str(tmp_path / "bad.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert bad.returncode == 1 and "'entrypont' was unexpected" in bad.stdout
 
 
@@ -128,18 +181,35 @@ def test_paper_presets_match_appendix_b():
         cfg = load_run_config(ROOT / "jobs" / f"{name}.yaml", [], cls=PipelineConfig).target_model_config()
         assert (cfg.n_layer, cfg.n_head, cfg.head_dim) == (layers, n_head, 64)
     f1 = load_run_config(ROOT / "jobs" / "gpt2-124m.yaml", [], cls=PipelineConfig)
-    assert (f1.optimizer.lr, f1.schedule.warmup_frac, f1.schedule.decay_frac, f1.data.seq_len) == (0.01, 0.02, 0.1, 1024)
+    assert (f1.optimizer.lr, f1.schedule.warmup_frac, f1.schedule.decay_frac, f1.data.seq_len) == (
+        0.01,
+        0.02,
+        0.1,
+        1024,
+    )
     moe = load_run_config(ROOT / "jobs" / "moe-12l.yaml", [], cls=PipelineConfig).target_model_config()
     assert moe.n_experts == 8 and moe.aux_loss_weight > 0 and moe.z_loss_weight > 0
 
 
 def test_plan_cli_prints_the_cost_table():
-    p = subprocess.run([sys.executable, "-m", "progrow_ray.plan", "jobs/gpt2-7b-60l.yaml", "--t-mix", "5000000000"],
-                       capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "progrow_ray.plan", "jobs/gpt2-7b-60l.yaml", "--t-mix", "5000000000"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stderr
-    assert re.search(r"^\s+0\.80 .*x", p.stdout, re.M) and "GPU-hours" in p.stdout and "expand at tau" in p.stdout
-    bad = subprocess.run([sys.executable, "-m", "progrow_ray.plan", "jobs/gpt2-7b-60l.yaml", "--gpu", "tpu"],
-                         capture_output=True, text=True, cwd=ROOT)
+    assert (
+        re.search(r"^\s+0\.80 .*x", p.stdout, re.M)
+        and "GPU-hours" in p.stdout
+        and "expand at tau" in p.stdout
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "progrow_ray.plan", "jobs/gpt2-7b-60l.yaml", "--gpu", "tpu"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: --gpu")
 
 
@@ -156,12 +226,16 @@ def test_launcher_configs(launcher):
         assert (ROOT / preset).is_file(), preset
 
 
-# ---- Ray cluster-launcher configs ----------------------------------------------------------------------------
+# ---- Ray cluster-launcher configs --------------------------------------------------------------------------
 
 # What each machine carries (GPUs, Ray accelerator type, vCPUs), from the providers' machine-type pages; kept
 # apart from deploy_check's own table so a wrong entry there cannot hide a wrong config here.
-HARDWARE = {"p5.48xlarge": (8, "H100", 192), "p4d.24xlarge": (8, "A100", 96),
-            "a3-highgpu-8g": (8, "H100", 208), "a2-highgpu-8g": (8, "A100", 96)}
+HARDWARE = {
+    "p5.48xlarge": (8, "H100", 192),
+    "p4d.24xlarge": (8, "A100", 96),
+    "a3-highgpu-8g": (8, "H100", 208),
+    "a2-highgpu-8g": (8, "A100", 96),
+}
 
 
 def _launcher(name):
@@ -180,7 +254,9 @@ def test_launcher_config_passes_rays_schema_and_the_project_check(launcher):
 
     cfg = _launcher(launcher)
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    jsonschema.Draft7Validator(schema).validate(cfg)  # the file as written: no unknown top-level / node-type keys
+    jsonschema.Draft7Validator(schema).validate(
+        cfg
+    )  # the file as written: no unknown top-level / node-type keys
     validate_config(prepare_config(copy.deepcopy(cfg)))  # what `ray up` runs: merged with Ray's defaults.yaml
     # what the schema leaves open (provider keys, node_config, resources, images) is deploy_check's
     assert deploy_check.check_launcher_config(ROOT / "cluster" / launcher) == []
@@ -203,7 +279,8 @@ def test_launcher_gpu_types_declare_their_gpus_and_fit_every_preset(launcher):
             assert nc["scheduling"] == {"onHostMaintenance": "TERMINATE", "automaticRestart": True}
         if t["max_workers"] > 0:
             launchable[name] = (acc, gpus, t["max_workers"])
-    # one GPU model can launch: the autoscaler prefers whichever wastes fewer vCPUs, so two would mix in a phase
+    # one GPU model can launch: the autoscaler prefers whichever wastes fewer vCPUs, so two would mix in a
+    # phase
     assert len({acc for acc, _, _ in launchable.values()}) == 1, launchable
     capacity = sum(g * n for _, g, n in launchable.values())
     assert sum(n for _, _, n in launchable.values()) <= cfg["max_workers"]
@@ -223,9 +300,13 @@ def test_launcher_syncs_the_checkout_without_venv_and_data(launcher):
 def test_aws_images_are_a_current_dlami_not_rays_builtin_default():
     from ray.autoscaler._private.aws.config import DEFAULT_AMI_NAME
 
-    # latest_dlami (or no ImageId) makes Ray 2.60 launch this: Ubuntu 18.04, CUDA 11.2; Ray 2.60 needs Python 3.10
+    # latest_dlami (or no ImageId) makes Ray 2.60 launch this: Ubuntu 18.04, CUDA 11.2; Ray 2.60 needs
+    # Python 3.10
     assert DEFAULT_AMI_NAME == deploy_check.RAY_LATEST_DLAMI and "18.04" in DEFAULT_AMI_NAME
-    dlami = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+    dlami = (
+        "resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+        "base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+    )
     for name, t in _launcher("aws.yaml")["available_node_types"].items():
         image = t["node_config"]["ImageId"]
         assert re.fullmatch(r"ami-[0-9a-f]{8,17}", image) or image == dlami, name
@@ -241,57 +322,168 @@ def _set(path):
             node.pop(last)
         else:
             node[last] = value
+
     return mutate
 
 
 LAUNCHER_MUTATIONS = [
     ("aws.yaml", "misspelt top-level key", _set(["idle_timeout_minute"]), 5, "Additional properties"),
-    ("aws.yaml", "misspelt node-type key", _set(["available_node_types", "gpu-p5", "max_worker"]), 2,
-     "Additional properties"),
-    ("aws.yaml", "misspelt provider key", _set(["provider", "availabilty_zone"]), "us-east-1a",
-     "provider.availabilty_zone: not a key"),
-    ("aws.yaml", "misspelt RunInstances field", _set(["available_node_types", "gpu-p5", "node_config", "InstanceTyp"]),
-     "p5.48xlarge", "InstanceTyp: not a RunInstances parameter"),
-    ("aws.yaml", "unknown instance type", _set(["available_node_types", "gpu-p5", "node_config", "InstanceType"]),
-     "p5.48xlarg", "'p5.48xlarg' is not an EC2 InstanceType"),
-    ("aws.yaml", "nested RunInstances field",
-     _set(["available_node_types", "head", "node_config", "BlockDeviceMappings"]),
-     [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSiz": 200}}], "VolumeSiz: not a field of EC2"),
-    ("aws.yaml", "latest_dlami", _set(["available_node_types", "gpu-p5", "node_config", "ImageId"]), "latest_dlami",
-     "Ubuntu 18.04"),
-    ("aws.yaml", "no ImageId", _set(["available_node_types", "head", "node_config", "ImageId"]), None, "Ubuntu 18.04"),
-    ("aws.yaml", "made-up image", _set(["available_node_types", "head", "node_config", "ImageId"]),
-     "resolve-latest-dlami", "neither an ami-... id nor a resolve:ssm: parameter"),
-    ("aws.yaml", "GPUs undeclared", _set(["available_node_types", "gpu-p5", "resources"]), {}, "declare none"),
-    ("aws.yaml", "wrong GPU count", _set(["available_node_types", "gpu-p5", "resources", "GPU"]), 4,
-     "GPU: 4 but p5.48xlarge has 8"),
-    ("aws.yaml", "wrong accelerator", _set(["available_node_types", "gpu-p5", "resources", "accelerator_type:A100"]),
-     1, "accelerator_type:A100 but p5.48xlarge carries H100"),
-    ("aws.yaml", "two GPU models", _set(["available_node_types", "gpu-p4d", "max_workers"]), 4,
-     "GPU node types of different models can launch"),
+    (
+        "aws.yaml",
+        "misspelt node-type key",
+        _set(["available_node_types", "gpu-p5", "max_worker"]),
+        2,
+        "Additional properties",
+    ),
+    (
+        "aws.yaml",
+        "misspelt provider key",
+        _set(["provider", "availabilty_zone"]),
+        "us-east-1a",
+        "provider.availabilty_zone: not a key",
+    ),
+    (
+        "aws.yaml",
+        "misspelt RunInstances field",
+        _set(["available_node_types", "gpu-p5", "node_config", "InstanceTyp"]),
+        "p5.48xlarge",
+        "InstanceTyp: not a RunInstances parameter",
+    ),
+    (
+        "aws.yaml",
+        "unknown instance type",
+        _set(["available_node_types", "gpu-p5", "node_config", "InstanceType"]),
+        "p5.48xlarg",
+        "'p5.48xlarg' is not an EC2 InstanceType",
+    ),
+    (
+        "aws.yaml",
+        "nested RunInstances field",
+        _set(["available_node_types", "head", "node_config", "BlockDeviceMappings"]),
+        [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSiz": 200}}],
+        "VolumeSiz: not a field of EC2",
+    ),
+    (
+        "aws.yaml",
+        "latest_dlami",
+        _set(["available_node_types", "gpu-p5", "node_config", "ImageId"]),
+        "latest_dlami",
+        "Ubuntu 18.04",
+    ),
+    (
+        "aws.yaml",
+        "no ImageId",
+        _set(["available_node_types", "head", "node_config", "ImageId"]),
+        None,
+        "Ubuntu 18.04",
+    ),
+    (
+        "aws.yaml",
+        "made-up image",
+        _set(["available_node_types", "head", "node_config", "ImageId"]),
+        "resolve-latest-dlami",
+        "neither an ami-... id nor a resolve:ssm: parameter",
+    ),
+    (
+        "aws.yaml",
+        "GPUs undeclared",
+        _set(["available_node_types", "gpu-p5", "resources"]),
+        {},
+        "declare none",
+    ),
+    (
+        "aws.yaml",
+        "wrong GPU count",
+        _set(["available_node_types", "gpu-p5", "resources", "GPU"]),
+        4,
+        "GPU: 4 but p5.48xlarge has 8",
+    ),
+    (
+        "aws.yaml",
+        "wrong accelerator",
+        _set(["available_node_types", "gpu-p5", "resources", "accelerator_type:A100"]),
+        1,
+        "accelerator_type:A100 but p5.48xlarge carries H100",
+    ),
+    (
+        "aws.yaml",
+        "two GPU models",
+        _set(["available_node_types", "gpu-p4d", "max_workers"]),
+        4,
+        "GPU node types of different models can launch",
+    ),
     ("aws.yaml", "unfiltered file mount", _set(["rsync_filter"]), None, "syncs the whole checkout"),
-    ("gcp.yaml", "GPUs undeclared", _set(["available_node_types", "gpu-a3", "resources"]), {},
-     "fills in TPU resources only"),
-    ("gcp.yaml", "CPUs undeclared", _set(["available_node_types", "gpu-a3", "resources"]), {"GPU": 8}, "declare CPU"),
-    ("gcp.yaml", "too many CPUs", _set(["available_node_types", "gpu-a3", "resources", "CPU"]), 416,
-     "CPU: 416 but a3-highgpu-8g has 208 vCPUs"),
-    ("gcp.yaml", "accelerators disagree", _set(["available_node_types", "gpu-a3", "node_config", "guestAccelerators"]),
-     [{"acceleratorType": "nvidia-h100-80gb", "acceleratorCount": 4}], "attach 4 x nvidia-h100-80gb but a3-highgpu-8g"),
-    ("gcp.yaml", "wrong accelerator", _set(["available_node_types", "gpu-a3", "node_config", "guestAccelerators"]),
-     [{"acceleratorType": "nvidia-tesla-a100", "acceleratorCount": 8}], "comes with 8 x H100"),
-    ("gcp.yaml", "scheduling as a list", _set(["available_node_types", "gpu-a3", "node_config", "scheduling"]),
-     [{"onHostMaintenance": "TERMINATE"}], "takes a dict, got list"),
-    ("gcp.yaml", "live migration", _set(["available_node_types", "gpu-a3", "node_config", "scheduling"]),
-     {"onHostMaintenance": "MIGRATE"}, "GPU VMs need scheduling: {onHostMaintenance: TERMINATE}"),
-    ("gcp.yaml", "misspelt instance field", _set(["available_node_types", "gpu-a3", "node_config", "guestAccelerator"]),
-     [], "guestAccelerator: not a Compute Engine instance field"),
-    ("gcp.yaml", "resources as strings", _set(["available_node_types", "gpu-a3", "resources", "GPU"]), "8",
-     "Ray's cluster schema"),
+    (
+        "gcp.yaml",
+        "GPUs undeclared",
+        _set(["available_node_types", "gpu-a3", "resources"]),
+        {},
+        "fills in TPU resources only",
+    ),
+    (
+        "gcp.yaml",
+        "CPUs undeclared",
+        _set(["available_node_types", "gpu-a3", "resources"]),
+        {"GPU": 8},
+        "declare CPU",
+    ),
+    (
+        "gcp.yaml",
+        "too many CPUs",
+        _set(["available_node_types", "gpu-a3", "resources", "CPU"]),
+        416,
+        "CPU: 416 but a3-highgpu-8g has 208 vCPUs",
+    ),
+    (
+        "gcp.yaml",
+        "accelerators disagree",
+        _set(["available_node_types", "gpu-a3", "node_config", "guestAccelerators"]),
+        [{"acceleratorType": "nvidia-h100-80gb", "acceleratorCount": 4}],
+        "attach 4 x nvidia-h100-80gb but a3-highgpu-8g",
+    ),
+    (
+        "gcp.yaml",
+        "wrong accelerator",
+        _set(["available_node_types", "gpu-a3", "node_config", "guestAccelerators"]),
+        [{"acceleratorType": "nvidia-tesla-a100", "acceleratorCount": 8}],
+        "comes with 8 x H100",
+    ),
+    (
+        "gcp.yaml",
+        "scheduling as a list",
+        _set(["available_node_types", "gpu-a3", "node_config", "scheduling"]),
+        [{"onHostMaintenance": "TERMINATE"}],
+        "takes a dict, got list",
+    ),
+    (
+        "gcp.yaml",
+        "live migration",
+        _set(["available_node_types", "gpu-a3", "node_config", "scheduling"]),
+        {"onHostMaintenance": "MIGRATE"},
+        "GPU VMs need scheduling: {onHostMaintenance: TERMINATE}",
+    ),
+    (
+        "gcp.yaml",
+        "misspelt instance field",
+        _set(["available_node_types", "gpu-a3", "node_config", "guestAccelerator"]),
+        [],
+        "guestAccelerator: not a Compute Engine instance field",
+    ),
+    (
+        "gcp.yaml",
+        "resources as strings",
+        _set(["available_node_types", "gpu-a3", "resources", "GPU"]),
+        "8",
+        "Ray's cluster schema",
+    ),
 ]
 
 
-@pytest.mark.parametrize("launcher,name,mutate,value,message", LAUNCHER_MUTATIONS,
-                         ids=[f"{m[0][:3]}: {m[1]}" for m in LAUNCHER_MUTATIONS])
+@pytest.mark.parametrize(
+    "launcher,name,mutate,value,message",
+    LAUNCHER_MUTATIONS,
+    ids=[f"{m[0][:3]}: {m[1]}" for m in LAUNCHER_MUTATIONS],
+)
 def test_broken_launcher_config_fails_the_project_check(tmp_path, launcher, name, mutate, value, message):
     cfg = _launcher(launcher)
     mutate(cfg, value)
@@ -301,7 +493,8 @@ def test_broken_launcher_config_fails_the_project_check(tmp_path, launcher, name
     assert any(message in e for e in errors), errors
 
 
-# ---- the image's build context -------------------------------------------------------------------------------
+# ---- the image's build context -----------------------------------------------------------------------------
+
 
 def _dockerignore_rules(text):
     """.dockerignore as Docker reads it: one pattern a line, `#` comments, `!` re-includes, leading `/` and
@@ -326,7 +519,7 @@ def _dockerignore_rules(text):
                 rx, i = rx + "[^/]", i + 1
             elif pat[i] == "[":
                 j = pat.index("]", i)
-                rx, i = rx + pat[i:j + 1], j + 1
+                rx, i = rx + pat[i : j + 1], j + 1
             else:
                 rx, i = rx + re.escape(pat[i]), i + 1
         rules.append((neg, pat, re.compile(rx)))
@@ -347,40 +540,74 @@ def test_dockerignore_keeps_the_build_context_small():
     # the matcher below follows Docker's rules
     toy = _dockerignore_rules("*\n!keep\n**/__pycache__\n")
     assert _excluded(toy, "a.txt") and _excluded(toy, "dir/deep/file") and not _excluded(toy, "keep/x.py")
-    assert _excluded(toy, "keep/sub/__pycache__/x.pyc") and _excluded(_dockerignore_rules("/runs/"), "runs/a/b")
+    assert _excluded(toy, "keep/sub/__pycache__/x.pyc") and _excluded(
+        _dockerignore_rules("/runs/"), "runs/a/b"
+    )
     assert not _excluded(_dockerignore_rules("docs/*.md"), "docs/sub/x.md")
     dockerfile = (K8S / "Dockerfile").read_text()
     # the Dockerfile is built from the repository root and copies all of the context: .dockerignore decides
-    assert "docker build -f kubernetes/Dockerfile" in dockerfile and re.search(r"^COPY .*\s\.\s+/home/ray/\S+$",
-                                                                             dockerfile, re.M)
+    assert "docker build -f kubernetes/Dockerfile" in dockerfile and re.search(
+        r"^COPY .*\s\.\s+/home/ray/\S+$", dockerfile, re.M
+    )
     rules = _dockerignore_rules((ROOT / ".dockerignore").read_text())
-    kept = ["pyproject.toml", "README.md", "progrow_ray/__init__.py", "progrow_ray/pipeline.py",
-            "progrow_ray/core/models/gpt.py", "jobs/gpt2-124m.yaml",
-            *(re.search(r"--config (\S+)", yaml.safe_load(m.read_text())["spec"]["entrypoint"]).group(1)
-              for m in (K8S / "rayjob.yaml",))]
+    kept = [
+        "pyproject.toml",
+        "README.md",
+        "progrow_ray/__init__.py",
+        "progrow_ray/pipeline.py",
+        "progrow_ray/core/models/gpt.py",
+        "jobs/gpt2-124m.yaml",
+        *(
+            re.search(r"--config (\S+)", yaml.safe_load(m.read_text())["spec"]["entrypoint"]).group(1)
+            for m in (K8S / "rayjob.yaml",)
+        ),
+    ]
     for path in kept:
         assert not _excluded(rules, path), f"{path} is needed by the image but excluded"
-    dropped = [".venv/lib/python3.11/site-packages/torch/__init__.py", ".venv/bin/python", "data/tokens/shard_0.bin",
-               "runs/gpt2/ray/checkpoint_0/model.pt", "out/smoke/report.json", ".git/HEAD", ".git/objects/ab/cd",
-               "mlflow.db", "mlruns/0/meta.yaml", "progrow_ray.egg-info/PKG-INFO", "progrow_ray/__pycache__/x.pyc",
-               "progrow_ray/core/__pycache__/gpt.cpython-311.pyc", ".pytest_cache/v/cache/nodeids",
-               "progrow_ray/jobs/mlflow.db", ".ray-local/head.pid", "build/lib/x.py", ".whl/x.whl", "tests/conftest.py"]
+    dropped = [
+        ".venv/lib/python3.11/site-packages/torch/__init__.py",
+        ".venv/bin/python",
+        "data/tokens/shard_0.bin",
+        "runs/gpt2/ray/checkpoint_0/model.pt",
+        "out/smoke/report.json",
+        ".git/HEAD",
+        ".git/objects/ab/cd",
+        "mlflow.db",
+        "mlruns/0/meta.yaml",
+        "progrow_ray.egg-info/PKG-INFO",
+        "progrow_ray/__pycache__/x.pyc",
+        "progrow_ray/core/__pycache__/gpt.cpython-311.pyc",
+        ".pytest_cache/v/cache/nodeids",
+        "progrow_ray/jobs/mlflow.db",
+        ".ray-local/head.pid",
+        "build/lib/x.py",
+        ".whl/x.whl",
+        "tests/conftest.py",
+    ]
     for path in dropped:
         assert _excluded(rules, path), f"{path} would be copied into the image"
-    # and on this checkout (whatever it holds: a multi-GB .venv, data/, runs/): the context Docker would upload
+    # and on this checkout (whatever it holds: a multi-GB .venv, data/, runs/): the context Docker would
+    # upload
     negated = [p for neg, p, _ in rules if neg]
     size = 0
     for top, dirs, files in os.walk(ROOT):
         rel = os.path.relpath(top, ROOT)
         rel = "" if rel == "." else rel + "/"
-        dirs[:] = [d for d in dirs if not _excluded(rules, rel + d)
-                   or any(p.startswith(rel + d + "/") or "*" in p for p in negated)]
-        size += sum(os.path.getsize(os.path.join(top, f)) for f in files if not _excluded(rules, rel + f)
-                    and os.path.isfile(os.path.join(top, f)))
+        dirs[:] = [
+            d
+            for d in dirs
+            if not _excluded(rules, rel + d) or any(p.startswith(rel + d + "/") or "*" in p for p in negated)
+        ]
+        size += sum(
+            os.path.getsize(os.path.join(top, f))
+            for f in files
+            if not _excluded(rules, rel + f) and os.path.isfile(os.path.join(top, f))
+        )
     assert size < 20 * 2**20, f"build context {size / 2**20:.0f} MiB"
 
 
-# ---- GPUs per pod ----------------------------------------------------------------------------------------------
+# ---- GPUs per pod ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("manifest", ["rayjob.yaml", "raycluster.yaml"])
 def test_clusters_offer_8_gpu_pods_for_the_large_phase_and_1_gpu_pods_for_small_work(manifest):
@@ -396,10 +623,15 @@ def test_clusters_offer_8_gpu_pods_for_the_large_phase_and_1_gpu_pods_for_small_
         c = pod["containers"][0]
         env = {e["name"]: e.get("value") for e in c["env"]}
         # NCCL across pods: pinned to the pod interface, warnings on; no hostNetwork needed
-        assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "eth0" and env["NCCL_DEBUG"] == "WARN"
+        assert (
+            env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "eth0" and env["NCCL_DEBUG"] == "WARN"
+        )
         assert not pod.get("hostNetwork")
-        shm = next(v for v in pod["volumes"] if v["name"] == next(
-            m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"))
+        shm = next(
+            v
+            for v in pod["volumes"]
+            if v["name"] == next(m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm")
+        )
         assert shm["emptyDir"]["medium"] == "Memory"
         # sized with the pod: >= 8 GiB per GPU, well under the memory limit it is charged to
         size = deploy_check.quantity(shm["emptyDir"]["sizeLimit"])
@@ -416,7 +648,8 @@ def test_rayjob_cluster_fits_every_gpu_preset(tmp_path, preset):
     doc["spec"]["entrypoint"] = f"python -m progrow_ray.pipeline --config jobs/{preset.name}"
     (tmp_path / "rayjob.yaml").write_text(yaml.safe_dump(doc))
     assert check_manifest(tmp_path / "rayjob.yaml") == []
-    # the same, counted here: Ray Train packs one worker (cpus_per_worker CPUs, 1 GPU) per GPU; with ray.standby
+    # the same, counted here: Ray Train packs one worker (cpus_per_worker CPUs, 1 GPU) per GPU; with
+    # ray.standby
     # phase 1 and phase 2 hold their workers at once
     r = load_run_config(preset, [], cls=PipelineConfig).ray
     holds = 0
@@ -430,8 +663,14 @@ def test_rayjob_cluster_fits_every_gpu_preset(tmp_path, preset):
 
 @pytest.mark.cluster
 def test_local_cluster_script_starts_and_stops_exactly_its_processes(tmp_path):
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PROGROW_LOCAL_CLUSTER_DIR": str(tmp_path / "st"),
-           "GCS_PORT": "6397", "DASH_PORT": "8297", "CPUS": "1", "HOME": str(tmp_path)}
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "PROGROW_LOCAL_CLUSTER_DIR": str(tmp_path / "st"),
+        "GCS_PORT": "6397",
+        "DASH_PORT": "8297",
+        "CPUS": "1",
+        "HOME": str(tmp_path),
+    }
     script = str(ROOT / "cluster" / "local.sh")
     start = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=180)
     try:

@@ -18,7 +18,13 @@ def main(rank: int, world: int, port: int, data_uri: str, out: str, result_path:
         result = Trainer(cfg, on_metrics=events.append, log=lambda _: None).run()
         if rank == 0:
             with open(result_path, "w") as fh:
-                json.dump({"events": events, "result": {k: getattr(result, k) for k in ("val_loss", "tokens", "step")}}, fh)
+                json.dump(
+                    {
+                        "events": events,
+                        "result": {k: getattr(result, k) for k in ("val_loss", "tokens", "step")},
+                    },
+                    fh,
+                )
     finally:
         dist.destroy_process_group()
 

@@ -3,7 +3,12 @@ import json
 import pytest
 import torch
 
-from progrow_ray.engine.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
+from progrow_ray.engine.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    read_checkpoint,
+    write_checkpoint,
+)
 
 from ..s3 import make_bucket
 
@@ -86,17 +91,16 @@ def test_s3_outage_during_a_save_is_retried_and_nothing_is_lost(monkeypatch):
     """The S3 endpoint goes away just before a save and comes back 12 s later on the same port. s3fs's and
     botocore's own retries are turned down to one attempt (under load they sometimes ride out a short
     outage on their own), so our backoff must carry the save; the checkpoint is then complete and verifies."""
-    import s3fs
+    import socket
     import threading
     import time
 
+    import s3fs
     from moto.server import ThreadedMotoServer
 
     from progrow_ray.engine import checkpoint as ckpt_mod
 
     from ..s3 import CREDENTIALS, make_bucket
-
-    import socket
 
     with socket.socket() as sock:  # a fixed port: the server must come back where the client looks
         sock.bind(("127.0.0.1", 0))
@@ -125,8 +129,11 @@ def test_s3_outage_during_a_save_is_retried_and_nothing_is_lost(monkeypatch):
         threading.Thread(target=come_back, daemon=True).start()
         t0 = time.time()
         orig = storage.with_retries
-        monkeypatch.setattr(storage, "with_retries", lambda op, what, **kw: orig(
-            op, what, delays=storage.RETRY_DELAYS_S, log=logs.append))
+        monkeypatch.setattr(
+            storage,
+            "with_retries",
+            lambda op, what, **kw: orig(op, what, delays=storage.RETRY_DELAYS_S, log=logs.append),
+        )
         ckpt_mod.write_checkpoint("s3://outage/run/step_00000001", files(1))
         assert time.time() - t0 >= 12 and logs and all("retrying" in line for line in logs)
         assert ckpt_mod.read_checkpoint("s3://outage/run/step_00000001")["state.json"]["step"] == 1

@@ -24,8 +24,23 @@ def test_two_gloo_ranks_match_one_process(prepared, tmp_path):
     """Same global batch over 2 DDP ranks (with expansion and a batch change at τ) gives the same
     losses as one process, up to float summation order."""
     port, result = free_port(), tmp_path / "ddp.json"
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.engine.ddp_worker", str(r), "2", str(port), prepared,
-                               str(tmp_path / "ddp"), str(result)], cwd=ROOT) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.engine.ddp_worker",
+                str(r),
+                "2",
+                str(port),
+                prepared,
+                str(tmp_path / "ddp"),
+                str(result),
+            ],
+            cwd=ROOT,
+        )
+        for r in range(2)
+    ]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     ddp = json.loads(result.read_text())
     events = []

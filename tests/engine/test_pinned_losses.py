@@ -15,7 +15,7 @@ import torch
 
 from progrow_ray.data.prepare import PrepareSettings, prepare
 from progrow_ray.engine import Trainer
-from progrow_ray.engine.config import load_run_config
+from progrow_ray.orchestration.config import load_single_run
 
 PINNED = Path(__file__).with_name("pinned_losses.json")
 SMOKE = Path(__file__).resolve().parents[2] / "jobs" / "smoke.yaml"
@@ -30,22 +30,30 @@ CASES = [
 def smoke_data(root: Path) -> str:
     """The smoke preset's corpus (the standard library's source, first 8 MB), prepared once per session."""
     uri = str(root / "stdlib-gpt2")
-    cfg = load_run_config(SMOKE, ignore_sections=("tune", "ray", "baseline", "mlflow"))
-    prepare("stdlib", uri, PrepareSettings(cfg.data.val_fraction, max_source_bytes=cfg.data.max_source_bytes),
-            progress=False, log=lambda _: None)
+    cfg = load_single_run(SMOKE)
+    prepare(
+        "stdlib",
+        uri,
+        PrepareSettings(cfg.data.val_fraction, max_source_bytes=cfg.data.max_source_bytes),
+        progress=False,
+        log=lambda _: None,
+    )
     return uri
 
 
 def run_case(data_uri: str, out: str, overrides: list[str], until: int) -> dict:
     torch.set_num_threads(1)  # one reduction order, whatever the machine's core count
-    cfg = load_run_config(SMOKE, [f"data.uri={data_uri}", f"out={out}", "train.log_every=1", *overrides],
-                          ignore_sections=("tune", "ray", "baseline", "mlflow"))
+    cfg = load_single_run(SMOKE, [f"data.uri={data_uri}", f"out={out}", "train.log_every=1", *overrides])
     trainer = Trainer(cfg, save_checkpoint=lambda *_: None, log=lambda _: None)
     trainer.run(until_tokens=until)
     train = [e for e in trainer.history if e["event"] == "train"]
-    return {"steps": [e["step"] for e in train], "tokens": [e["tokens"] for e in train],
-            "depth": [e["depth"] for e in train], "train_loss": [float(e["train_loss"]).hex() for e in train],
-            "val_loss": float(trainer.evaluate()).hex()}
+    return {
+        "steps": [e["step"] for e in train],
+        "tokens": [e["tokens"] for e in train],
+        "depth": [e["depth"] for e in train],
+        "train_loss": [float(e["train_loss"]).hex() for e in train],
+        "val_loss": float(trainer.evaluate()).hex(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +67,9 @@ def test_smoke_losses_are_bit_exact(smoke_uri, tmp_path, name, overrides, until)
     got = run_case(smoke_uri, str(tmp_path), overrides, until)
     assert got["steps"] == expected["steps"] and got["depth"] == expected["depth"]
     assert got["train_loss"] == expected["train_loss"], (
-        [float.fromhex(x) for x in got["train_loss"]], [float.fromhex(x) for x in expected["train_loss"]])
+        [float.fromhex(x) for x in got["train_loss"]],
+        [float.fromhex(x) for x in expected["train_loss"]],
+    )
     assert got["val_loss"] == expected["val_loss"]
 
 
@@ -68,5 +78,7 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = smoke_data(Path(tmp))
-        json.dump({name: run_case(uri, tmp, over, until) for name, over, until in CASES}, sys.stdout, indent=1)
+        json.dump(
+            {name: run_case(uri, tmp, over, until) for name, over, until in CASES}, sys.stdout, indent=1
+        )
         print()

@@ -33,8 +33,14 @@ def per_step_losses(run_dir: Path) -> dict[int, float]:
 
 
 def train(config: Path, *extra: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "progrow_ray.train", "--config", str(config), "--no-progress", *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "progrow_ray.train", "--config", str(config), "--no-progress", *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -52,10 +58,14 @@ def test_killed_run_resumes_to_identical_losses(text_corpus, prepared, tmp_path)
     deadline = time.time() + 240
     try:
         while not held.exists():
-            assert p.poll() is None and time.time() < deadline, p.stdout.read()[-2000:] if p.poll() is not None else ""
+            assert p.poll() is None and time.time() < deadline, (
+                p.stdout.read()[-2000:] if p.poll() is not None else ""
+            )
             time.sleep(0.2)
     finally:
-        p.send_signal(signal.SIGKILL)  # no clean-up, no final checkpoint (and none left behind if the test failed)
+        p.send_signal(
+            signal.SIGKILL
+        )  # no clean-up, no final checkpoint (and none left behind if the test failed)
         p.wait()
     first = per_step_losses(tmp_path / "kill" / "t")
     assert max(first) == 20, "held at 10240 tokens = step 20 of 32"
@@ -78,7 +88,7 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, prepared, text_corpus):
 def test_train_cli_reads_the_pipeline_presets():
     """`python -m progrow_ray.train --config jobs/smoke.yaml` takes a pipeline preset; the Ray-only
     sections are not its business (typos inside them are the pipeline's to report)."""
-    from progrow_ray.engine.config import PIPELINE_SECTIONS, load_run_config
+    from progrow_ray.orchestration.config import load_single_run
 
-    cfg = load_run_config(ROOT / "jobs" / "smoke.yaml", [], ignore_sections=PIPELINE_SECTIONS)
+    cfg = load_single_run(ROOT / "jobs" / "smoke.yaml", [])
     assert cfg.name == "smoke" and cfg.growth.batch_tokens_after == 8192

@@ -39,10 +39,9 @@ def test_progressive_run_expands_at_tau_and_changes_batch(prepared, tmp_path):
         b = e["batch_tokens"]
         assert e["lr"] == pytest.approx(step_lr(sched, cfg.optimizer.lr, e["tokens"] - b, b))
     # FLOPs: zero-layer cost before τ, full cost after
-    from progrow_ray.core.flops import train_flops_per_unit
 
-    small = train_flops_per_unit(cfg.source_model_config(), seq_len=32)
-    large = train_flops_per_unit(cfg.target_model_config(), seq_len=32)
+    small = cfg.source_model_config().train_flops_per_unit(seq_len=32)
+    large = cfg.target_model_config().train_flops_per_unit(seq_len=32)
     assert result.flops == pytest.approx(small * 3072 + large * 5120)
     state = read_checkpoint(result.checkpoint, names=["state.json"])["state.json"]
     assert state["progress"]["growth"][0]["target_depths"] == {"blocks": 2}
@@ -50,19 +49,22 @@ def test_progressive_run_expands_at_tau_and_changes_batch(prepared, tmp_path):
 
 def test_multi_stage_growth_expands_twice_and_resumes_between_stages(prepared, tmp_path):
     """0 -> 1 -> 3 layers (paper §6): two expansions, FLOPs per stage, and a stop between the stages."""
-    stages = {"model": {"n_layer": 3}, "growth": {"tau_frac": 0.5, "stages": [{"depth": 1, "tau_frac": 0.25}]}}
+    stages = {
+        "model": {"n_layer": 3},
+        "growth": {"tau_frac": 0.5, "stages": [{"depth": 1, "tau_frac": 0.25}]},
+    }
     cfg = make_cfg(prepared, str(tmp_path / "full"), **stages)
     _, full, events = run(cfg)
     expand = [e for e in events if e["event"] == "expand"]
     assert [(e["tokens"], e["source_depth"], e["target_depth"]) for e in expand] == [
-        (2048, {"blocks": 0}, {"blocks": 1}), (4096, {"blocks": 1}, {"blocks": 3})]
+        (2048, {"blocks": 0}, {"blocks": 1}),
+        (4096, {"blocks": 1}, {"blocks": 3}),
+    ]
     assert [e["depth"] for e in events if e["event"] == "train"] == [0] * 4 + [1] * 4 + [3] * 8
     from dataclasses import replace
 
-    from progrow_ray.core.flops import train_flops_per_unit, with_depth
-
     target = cfg.target_model_config()
-    per = [train_flops_per_unit(with_depth(target, d), seq_len=32) for d in (0, 1, 3)]
+    per = [target.with_depth(d).train_flops_per_unit(seq_len=32) for d in (0, 1, 3)]
     assert full.flops == pytest.approx(per[0] * 2048 + per[1] * 2048 + per[2] * 4096)
     split = replace(cfg, out=str(tmp_path / "split"))
     _, first, first_events = run(split, until=3072)  # between the two expansions
@@ -71,8 +73,12 @@ def test_multi_stage_growth_expands_twice_and_resumes_between_stages(prepared, t
     assert losses_of(first_events) + losses_of(second_events) == losses_of(events)
     assert second.val_loss == full.val_loss
     with pytest.raises(ConfigError, match="strictly increase"):
-        make_cfg(prepared, str(tmp_path), model={"n_layer": 3},
-                 growth={"tau_frac": 0.5, "stages": [{"depth": 1, "tau_frac": 0.6}]})
+        make_cfg(
+            prepared,
+            str(tmp_path),
+            model={"n_layer": 3},
+            growth={"tau_frac": 0.5, "stages": [{"depth": 1, "tau_frac": 0.6}]},
+        )
     with pytest.raises(ConfigError, match="growth.stages\\[0\\]"):
         make_cfg(prepared, str(tmp_path), growth={"stages": [{"layers": 1}]})
 
@@ -102,8 +108,12 @@ def test_resume_reproduces_the_uninterrupted_run_bit_exactly(prepared, tmp_path,
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
-    cfg = make_cfg(prepared, str(tmp_path), growth={"enabled": False},
-                   train={"checkpoint_every_tokens": 1024, "log_every": 2})
+    cfg = make_cfg(
+        prepared,
+        str(tmp_path),
+        growth={"enabled": False},
+        train={"checkpoint_every_tokens": 1024, "log_every": 2},
+    )
     t = Trainer(cfg, log=lambda _: None)
     calls = {"n": 0}
 
@@ -155,10 +165,12 @@ def test_moe_trains_on_router_losses_but_reports_the_lm_loss():
     x = torch.randint(0, 96, (4, 16))
     y = torch.randint(0, 96, (4, 16))
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-    reported = train_step(model, sgd, x, y, accum=2, device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    reported = train_step(
+        model, sgd, x, y, accum=2, device=torch.device("cpu"), autocast=contextlib.nullcontext
+    )
     ce, objective = [], []
     for i in range(2):  # the same two micro-batches by hand
-        _, loss = twin(x[2 * i:2 * i + 2], y[2 * i:2 * i + 2])
+        _, loss = twin(x[2 * i : 2 * i + 2], y[2 * i : 2 * i + 2])
         total = loss + twin.auxiliary_loss()
         (total / 2).backward()
         ce.append(loss.item())

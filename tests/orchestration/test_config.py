@@ -27,16 +27,19 @@ def test_presets_load():
     assert smoke.ray.workers_large > smoke.ray.workers_small
 
 
-@pytest.mark.parametrize("override,match", [
-    ("ray.workers_large=0", "workers_large"),
-    ("ray.workers_large=3", "multiple of workers"),
-    ("tune.search_fraction=0", "search_fraction"),
-    ("tune.typo=1", "unknown config key"),
-    ("growth.enabled=false", "tune.enabled needs growth.enabled"),
-    ("ray.cpus_per_worker=-1", "cpus_per_worker"),
-    ("tune.on_no_saving=maybe", "on_no_saving must be 'fixed' or 'expand'"),
-    ("tune.min_depth_advantage=-0.1", "min_depth_advantage"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("ray.workers_large=0", "workers_large"),
+        ("ray.workers_large=3", "multiple of workers"),
+        ("tune.search_fraction=0", "search_fraction"),
+        ("tune.typo=1", "unknown config key"),
+        ("growth.enabled=false", "tune.enabled needs growth.enabled"),
+        ("ray.cpus_per_worker=-1", "cpus_per_worker"),
+        ("tune.on_no_saving=maybe", "on_no_saving must be 'fixed' or 'expand'"),
+        ("tune.min_depth_advantage=-0.1", "min_depth_advantage"),
+    ],
+)
 def test_bad_pipeline_settings(override, match):
     with pytest.raises(ConfigError, match=match):
         load(override)
@@ -47,8 +50,11 @@ def test_default_tau_and_decay_agree_and_tau_in_the_decay_is_refused():
     a tau at or past the decay's start is refused unless growth.allow_tau_in_decay says it is research."""
     from progrow_ray.engine.config import RunConfig, from_dict
 
-    base = {"model": {"kind": "gpt", "n_layer": 2, "n_embd": 64, "head_dim": 16}, "data": {"seq_len": 32},
-            "train": {"total_tokens": 100_000, "batch_tokens": 256, "micro_batch": 8}}
+    base = {
+        "model": {"kind": "gpt", "n_layer": 2, "n_embd": 64, "head_dim": 16},
+        "data": {"seq_len": 32},
+        "train": {"total_tokens": 100_000, "batch_tokens": 256, "micro_batch": 8},
+    }
     cfg = from_dict(RunConfig, base).validate()
     assert (cfg.schedule.warmup_frac, cfg.schedule.decay_frac, cfg.growth.tau_frac) == (0.02, 0.1, 0.8)
     assert cfg.tau_tokens < cfg.schedule_fn().stable_end_tokens
@@ -65,10 +71,9 @@ def test_search_cap_respects_the_budget_and_tau_aligns_to_both_batches():
     cfg = load("tune.search_fraction=0.1", "train.total_tokens=1228800", "schedule.warmup_frac=0.01")
     cap = search_cap_tokens(cfg)
     assert cap % cfg.train.batch_tokens == 0
-    from progrow_ray.core.flops import train_flops_per_unit
 
-    small = train_flops_per_unit(cfg.source_model_config(), seq_len=32)
-    large = train_flops_per_unit(cfg.target_model_config(), seq_len=32)
+    small = cfg.source_model_config().train_flops_per_unit(seq_len=32)
+    large = cfg.target_model_config().train_flops_per_unit(seq_len=32)
     main = small * cfg.tau_tokens + large * (cfg.train.total_tokens - cfg.tau_tokens)
     assert cap * (small + large) <= 0.1 * main
     tau = align_tau(136_806, 2048, 8192, 196_608)
@@ -78,11 +83,18 @@ def test_search_cap_respects_the_budget_and_tau_aligns_to_both_batches():
 @pytest.mark.cluster
 def test_missing_bucket_fails_before_training(s3_endpoint, tmp_path):  # noqa: F811
     make_bucket("exists")
-    p = subprocess.run([sys.executable, "-m", "progrow_ray.pipeline", "--config", str(TINY), "--out", "s3://missing/x"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "progrow_ray.pipeline", "--config", str(TINY), "--out", "s3://missing/x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
-    assert p.stderr.strip() == ("error: out s3://missing/x: S3 bucket 'missing' does not exist (or is not visible "
-                                "with these credentials); create it or point `out` elsewhere")
+    assert p.stderr.strip() == (
+        "error: out s3://missing/x: S3 bucket 'missing' does not exist (or is not visible "
+        "with these credentials); create it or point `out` elsewhere"
+    )
     assert "Ray" not in p.stdout
 
 
@@ -90,8 +102,12 @@ def test_no_saving_policy_trains_fixed_size_unless_told_to_expand():
     from progrow_ray.orchestration.records import SearchResult
     from progrow_ray.orchestration.stages import apply_no_saving_policy
 
-    fixed = SearchResult(t_mix_tokens=None, expand=False, tau_tokens=0,
-                         verdict="no saving at this horizon: x; train fixed-size")
+    fixed = SearchResult(
+        t_mix_tokens=None,
+        expand=False,
+        tau_tokens=0,
+        verdict="no saving at this horizon: x; train fixed-size",
+    )
     for policy, expect in (("fixed", False), ("expand", True)):
         out = apply_no_saving_policy(load(f"tune.on_no_saving={policy}"), fixed, lambda _: None)
         assert out.expand is expect
@@ -127,9 +143,9 @@ def test_standby_handoff_round_trip_and_abort(tmp_path):
 
 
 def test_standby_needs_both_phases_workers_on_the_cluster():
-    from progrow_ray.orchestration.cluster import check_capacity
-
     import ray
+
+    from progrow_ray.orchestration.cluster import check_capacity
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own cluster, never a running one
     try:
@@ -141,19 +157,60 @@ def test_standby_needs_both_phases_workers_on_the_cluster():
 
 
 def test_no_saving_reason_is_one_line_with_the_numbers():
-    from progrow_ray.core.flops import train_flops_per_unit
     from progrow_ray.orchestration.records import ProbeTrial, SearchResult
     from progrow_ray.report import no_saving_reason
 
     cfg = load()
     probe = ProbeTrial("fixed", 3072, 1.0, [])
-    searched = SearchResult(t_mix_tokens=None, tau_tokens=6144, verdict="x", expand=True, verdict_expand=False,
-                            trials=(probe,), cap_tokens=3072, mix={"depth_advantage_rel": 0.0146})
+    searched = SearchResult(
+        t_mix_tokens=None,
+        tau_tokens=6144,
+        verdict="x",
+        expand=True,
+        verdict_expand=False,
+        trials=(probe,),
+        cap_tokens=3072,
+        mix={"depth_advantage_rel": 0.0146},
+    )
     why = no_saving_reason(cfg, searched)
-    small = train_flops_per_unit(cfg.source_model_config(), seq_len=32)
-    large = train_flops_per_unit(cfg.target_model_config(), seq_len=32)
+    small = cfg.source_model_config().train_flops_per_unit(seq_len=32)
+    large = cfg.target_model_config().train_flops_per_unit(seq_len=32)
     assert f"the layers are {1 - small / large:.0%} of this model's training FLOPs" in why
-    assert "50,304-token head" in why and "by only 1.5%" in why and "not 12,288 tokens" in why and "\n" not in why
+    assert (
+        "50,304-token head" in why
+        and "by only 1.5%" in why
+        and "not 12,288 tokens" in why
+        and "\n" not in why
+    )
     real = SearchResult(t_mix_tokens=1024, tau_tokens=6144, verdict="x", expand=True, trials=(probe,))
     assert no_saving_reason(cfg, real) is None  # a real τ
     assert no_saving_reason(cfg, SearchResult(None, 6144, True, "x")) is None  # no search ran
+
+
+def test_phase_results_round_trip_and_older_state_files_still_load():
+    from progrow_ray.orchestration.records import PhaseResult, TrackedRun
+
+    phase = PhaseResult(
+        name="phase1",
+        depth=[1, 1, 1, 1],
+        workers=1,
+        global_batch_tokens=32,
+        tokens=512,
+        tokens_end=512,
+        flops=1.5e9,
+        flops_end=1.5e9,
+        final_train_loss=2.1,
+        final_val_loss=None,
+        checkpoint_uri="/x/ckpt",
+        fit_s=3.0,
+        end_time=1.0,
+        history=[{"event": "train", "tokens": 32}],
+        mlflow=TrackedRun({"lr": 0.01}, {"progrow.phase": "phase1"}, "abc"),
+    )
+    assert PhaseResult.from_json(phase.to_json()) == phase
+    old = {
+        k: v for k, v in phase.to_json().items() if k != "mlflow"
+    }  # before phases kept their MLflow params
+    old["checkpoint_path"] = "/x/ckpt"  # a key of an older version
+    loaded = PhaseResult.from_json(old)
+    assert loaded.mlflow == TrackedRun({}, {}, None) and loaded.checkpoint_uri == "/x/ckpt"

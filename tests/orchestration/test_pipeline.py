@@ -21,7 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = Path(__file__).with_name("tiny.yaml")
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"}
+ENV = {
+    **os.environ,
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 def free_port() -> int:
@@ -43,8 +48,20 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def pipeline_cmd(corpus, data_uri, out, *extra):
-    return [sys.executable, "-m", "progrow_ray.pipeline", "--config", str(TINY), "--out", str(out),
-            "--set", f"data.source={corpus}", "--set", f"data.uri={data_uri}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "progrow_ray.pipeline",
+        "--config",
+        str(TINY),
+        "--out",
+        str(out),
+        "--set",
+        f"data.source={corpus}",
+        "--set",
+        f"data.uri={data_uri}",
+        *extra,
+    ]
 
 
 def run(cmd, env=None, timeout=600):
@@ -70,11 +87,21 @@ def check_report(report: dict, total: int = 12288) -> None:
         assert p1["tokens"] + p2["tokens"] == total
         assert report["overheads"]["phase_switch_s"] > 0
         assert set(report["overheads"]["phase_switch_breakdown"]) in (
-            {"handoff_s", "restore_and_expand_s"}, {"between_fits_s", "workers_start_s", "restore_and_expand_s"})
+            {"handoff_s", "restore_and_expand_s"},
+            {"between_fits_s", "workers_start_s", "restore_and_expand_s"},
+        )
     else:
         assert names == ["fixed"]
     for p in report["phases"]:
-        assert {"depth", "workers", "global_batch_tokens", "tokens", "flops", "final_train_loss", "checkpoint_uri"} <= set(p)
+        assert {
+            "depth",
+            "workers",
+            "global_batch_tokens",
+            "tokens",
+            "flops",
+            "final_train_loss",
+            "checkpoint_uri",
+        } <= set(p)
     assert report["progressive"]["final_val_loss"] > 0 and report["baseline"]["final_val_loss"] > 0
     assert report["savings"]["flops_fraction"] > 0
     # the paper's eq. 1.1 count: a zero-layer source has no non-embedding weights, so only T - tau costs
@@ -86,10 +113,28 @@ def check_report(report: dict, total: int = 12288) -> None:
 def mlflow_server(tmp_path):
     port = free_port()
     env = {**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--default-artifact-root",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", proc, 90)
@@ -99,16 +144,34 @@ def mlflow_server(tmp_path):
         proc.wait(timeout=30)
 
 
-def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(text_corpus, prepared, tmp_path, mlflow_server):
+def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(
+    text_corpus, prepared, tmp_path, mlflow_server
+):
     marker = tmp_path / "killed.json"
     fault = {"phase": "phase2", "at_tokens": 10240, "rank": 1, "marker": str(marker)}
     with moto_s3():
         fs = make_bucket("runs")
-        env = {**ENV, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")},
-               "PROGROW_FAULT": json.dumps(fault)}
-        out = run(pipeline_cmd(text_corpus, prepared, "s3://runs/exp", "--mlflow-uri", mlflow_server,
-                               "--set", "tune.search_fraction=1.0", "--set", "tune.safety=2.0",
-                               "--set", "tune.on_no_saving=expand"), env=env)
+        env = {
+            **ENV,
+            **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")},
+            "PROGROW_FAULT": json.dumps(fault),
+        }
+        out = run(
+            pipeline_cmd(
+                text_corpus,
+                prepared,
+                "s3://runs/exp",
+                "--mlflow-uri",
+                mlflow_server,
+                "--set",
+                "tune.search_fraction=1.0",
+                "--set",
+                "tune.safety=2.0",
+                "--set",
+                "tune.on_no_saving=expand",
+            ),
+            env=env,
+        )
         assert "MLflow runs: " + mlflow_server in out
         report = json.loads(fs.cat("runs/exp/tiny/report.json"))
         check_report(report)
@@ -116,7 +179,7 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(text_co
         assert json.loads(marker.read_text())["phase"] == "phase2"  # the worker really died
         p2 = report["phases"][1]
         assert p2["checkpoint_uri"].startswith("s3://runs/exp/tiny/ray/tiny-phase2/")
-        assert fs.exists(p2["checkpoint_uri"][len("s3://"):] + "/manifest.json")
+        assert fs.exists(p2["checkpoint_uri"][len("s3://") :] + "/manifest.json")
         assert fs.exists("runs/exp/tiny/loss_vs_flops.png")
         state = json.loads(fs.cat("runs/exp/tiny/pipeline_state.json"))
         steps = [e["step"] for e in state["phases"]["phase2"]["history"] if e["event"] == "train"]
@@ -132,7 +195,15 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(text_co
     parent = by_name["tiny"]
     assert parent.info.run_id == report["mlflow"]["parent_run_id"]
     children = {n for n, r in by_name.items() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"search-fixed", "search-progressive", "search-source", "phase1", "phase2", "baseline", "progressive"} <= children
+    assert {
+        "search-fixed",
+        "search-progressive",
+        "search-source",
+        "phase1",
+        "phase2",
+        "baseline",
+        "progressive",
+    } <= children
     assert by_name["phase2"].data.tags["progrow.workers"] == "2"
     history = client.get_metric_history(by_name["phase2"].info.run_id, "val_loss")
     assert history and all(m.step > 0 for m in history)
@@ -143,8 +214,12 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(text_co
     assert params["train.total_tokens"] == "12288" and secret not in json.dumps(params)
     # the comparison is one click: a model-training experiment with saved views grouping the arms
     arms = {r.data.tags["progrow.arm"]: r for r in runs if "progrow.arm" in r.data.tags}
-    assert {"progressive", "baseline", "search-fixed"} <= set(arms) and "progrow.arm" not in by_name["phase1"].data.tags
-    val = client.get_metric_history(arms["progressive"].info.run_id, "val_loss")  # both phases' curve in one run
+    assert {"progressive", "baseline", "search-fixed"} <= set(arms) and "progrow.arm" not in by_name[
+        "phase1"
+    ].data.tags
+    val = client.get_metric_history(
+        arms["progressive"].info.run_id, "val_loss"
+    )  # both phases' curve in one run
     flops = client.get_metric_history(arms["progressive"].info.run_id, "flops")
     # the UI pairs x and y by index: the x metric of val_loss is logged exactly at its points
     assert [m.step for m in val] == [m.step for m in flops] and len(val) >= 3
@@ -152,23 +227,30 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(text_co
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(json.loads(exp.tags["mlflow.sharedViewState.loss-vs-flops"])["state"])
     assert view["globalLineChartConfig"]["selectedXAxisMetricKey"] == "flops"
-    url = f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" \
-          "&compareRunsMode=CHART&viewStateShareKey=loss-vs-flops"
+    url = (
+        f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+        "&compareRunsMode=CHART&viewStateShareKey=loss-vs-flops"
+    )
     assert f"compare progressive vs baseline on FLOPs: {url}" in out
     images = [a.path.split("/")[1] for a in client.list_artifacts(parent.info.run_id, "images")]
     for key in ("loss_vs_flops", "loss_vs_tokens"):  # log_image: shown under the parent's "Model metrics"
         assert any(name.startswith(key) for name in images), images
-    text = render_page(url, ("progressive vs baseline: val loss vs FLOPs", "val_loss", "baseline"), tmp_path / "compare.png")
+    text = render_page(
+        url, ("progressive vs baseline: val loss vs FLOPs", "val_loss", "baseline"), tmp_path / "compare.png"
+    )
     assert "Group:" in text and "progressive" in text and "train_loss" not in text
     # the report's plots: every line runs forward in x, τ marked on both (the data behind loss_vs_*.png)
     from progrow_ray.orchestration.records import PhaseResult
     from progrow_ray.report import plot_lines, plot_runs
 
-    phases = [PhaseResult.from_json(state["phases"]["phase1"]), PhaseResult.from_json(state["phases"]["phase2"])]
+    phases = [
+        PhaseResult.from_json(state["phases"]["phase1"]),
+        PhaseResult.from_json(state["phases"]["phase2"]),
+    ]
     for x in ("tokens", "flops"):
         data = plot_lines(plot_runs(phases, None), x)
-        assert all(all(b >= a for a, b in zip(l.x, l.x[1:])) for l in data.lines)
-        assert len(data.markers) == 1 and sum(len(l.x) for l in data.lines) >= 8
+        assert all(all(b >= a for a, b in zip(line.x, line.x[1:])) for line in data.lines)
+        assert len(data.markers) == 1 and sum(len(line.x) for line in data.lines) >= 8
 
 
 def render_page(url: str, wait_for: tuple[str, ...], shot: Path) -> str:
@@ -181,35 +263,73 @@ def render_page(url: str, wait_for: tuple[str, ...], shot: Path) -> str:
         if os.environ.get("CI"):
             pytest.fail("CI needs Debian's chromium for the MLflow UI checks (.ci/run installs it)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}", "--window-size=1600,1000"]
+    flags = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
+        "--window-size=1600,1000",
+    ]
     text = ""
     for budget in (20_000, 40_000, 80_000):  # a loaded machine may need more virtual time to render
-        dom = subprocess.run([*flags, f"--virtual-time-budget={budget}", "--dump-dom", url],
-                             capture_output=True, text=True, timeout=180, check=True).stdout
+        dom = subprocess.run(
+            [*flags, f"--virtual-time-budget={budget}", "--dump-dom", url],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=True,
+        ).stdout
         text = re.sub(r"<[^>]+>", " ", dom)
         if all(w in text for w in wait_for):
             break
-    subprocess.run([*flags, "--virtual-time-budget=20000", f"--screenshot={shot}", url], capture_output=True,
-                   timeout=180, check=True)
+    subprocess.run(
+        [*flags, "--virtual-time-budget=20000", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=180,
+        check=True,
+    )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return re.sub(r"\s+", " ", text)
 
 
 def test_rerun_resumes_a_killed_driver_and_skips_a_finished_run(text_corpus, prepared, tmp_path):
     out = tmp_path / "out"
-    cmd = pipeline_cmd(text_corpus, prepared, out, "--set", "tune.enabled=false", "--set", "baseline.enabled=false",
-                       "--set", "train.total_tokens=16384")
+    cmd = pipeline_cmd(
+        text_corpus,
+        prepared,
+        out,
+        "--set",
+        "tune.enabled=false",
+        "--set",
+        "baseline.enabled=false",
+        "--set",
+        "train.total_tokens=16384",
+    )
     held = tmp_path / "held.json"  # phase 2's rank 0 blocks there until the driver is killed: no race
     hold = {"phase": "phase2", "at_tokens": 12288, "rank": 0, "action": "hold", "marker": str(held)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "PROGROW_FAULT": json.dumps(hold)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**ENV, "PROGROW_FAULT": json.dumps(hold)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     state_path = out / "tiny" / "pipeline_state.json"
     deadline = time.time() + 400
     # kill the driver once phase 2 holds and has committed a checkpoint
     try:
-        while not (held.exists() and list((out / "tiny" / "ray" / "tiny-phase2").glob("checkpoint_*/manifest.json"))):
+        while not (
+            held.exists() and list((out / "tiny" / "ray" / "tiny-phase2").glob("checkpoint_*/manifest.json"))
+        ):
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             assert time.time() < deadline, "timed out"
             time.sleep(0.5)
@@ -233,22 +353,55 @@ def test_ray_job_submit_against_a_started_head(text_corpus, prepared, tmp_path):
     gcs, dash = free_port(), free_port()
     env = {**ENV, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
     ray_bin = str(Path(sys.executable).parent / "ray")
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             # not the default agent port 52365: another cluster on the machine may hold it
-                             # ("No available agent to submit job")
-                             f"--dashboard-agent-listen-port={free_port()}",
-                             f"--temp-dir={tempfile.mkdtemp(prefix='rh', dir='/tmp')}"],  # short: socket paths
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            # not the default agent port 52365: another cluster on the machine may hold it
+            # ("No available agent to submit job")
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={tempfile.mkdtemp(prefix='rh', dir='/tmp')}",
+        ],  # short: socket paths
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         address = f"http://127.0.0.1:{dash}"
         wait_http(f"{address}/api/version", head, 120)
         out = tmp_path / "job"
-        # load: 4 concurrent Tune probes (fixed, 0-layer, 1-layer, source) on the 4-CPU head of a 2-core machine,
+        # load: 4 concurrent Tune probes (fixed, 0-layer, 1-layer, source) on the 4-CPU head of a 2-core
+        # machine,
         # then phase 1 beside phase 2's standby workers
-        cmd = [ray_bin, "job", "submit", "--address", address, "--", *pipeline_cmd(
-            text_corpus, prepared, out, "--set", "tune.one_layer_probe=true", "--set", "tune.on_no_saving=expand",
-            "--set", "tune.search_fraction=0.5", "--set", "baseline.enabled=false")]
+        cmd = [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--",
+            *pipeline_cmd(
+                text_corpus,
+                prepared,
+                out,
+                "--set",
+                "tune.one_layer_probe=true",
+                "--set",
+                "tune.on_no_saving=expand",
+                "--set",
+                "tune.search_fraction=0.5",
+                "--set",
+                "baseline.enabled=false",
+            ),
+        ]
         log = run(cmd, env=env, timeout=600)
         assert "succeeded" in log.lower()
         assert "connected to Ray at" in log
@@ -256,7 +409,11 @@ def test_ray_job_submit_against_a_started_head(text_corpus, prepared, tmp_path):
         report = json.loads(check_report_path.read_text())
         assert [p["name"] for p in report["phases"]] == ["phase1", "phase2"]
         assert sorted(t["role"] for t in report["tau_search"]["trials"]) == [
-            "fixed", "progressive", "progressive-1", "source"]
+            "fixed",
+            "progressive",
+            "progressive-1",
+            "source",
+        ]
         # nothing leaked on the long-lived cluster: every placement group the job made is gone
         from ray.util.state import list_placement_groups
 
@@ -275,3 +432,23 @@ def test_ray_job_submit_against_a_started_head(text_corpus, prepared, tmp_path):
                 head.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_resnet_trains_through_the_pipeline_on_generated_images(tmp_path):
+    """The ResNet testbed takes the language models' path: τ search, phase 1 on one worker, growth per stage,
+    phase 2 and the baseline on two, FLOPs counted per image."""
+    from progrow_ray.engine.config import load_run_config
+    from progrow_ray.orchestration.config import PipelineConfig
+
+    config = TINY.with_name("tiny-resnet.yaml")
+    out = run([sys.executable, "-m", "progrow_ray.pipeline", "--config", str(config), "--out", str(tmp_path)])
+    assert "phase2       depth [2, 2, 1, 1], 2 worker(s)" in out, out[-3000:]
+    report = json.loads((tmp_path / "tiny-resnet" / "report.json").read_text())
+    p1, p2 = report["phases"]
+    assert (p1["depth"], p1["workers"], p1["tokens"]) == ([1, 1, 1, 1], 1, 512)
+    assert (p2["depth"], p2["workers"], p2["global_batch_tokens"], p2["tokens"]) == ([2, 2, 1, 1], 2, 64, 512)
+    cfg = load_run_config(config, [], cls=PipelineConfig)
+    small, large = cfg.flops_per_unit()  # per 16x16 image
+    assert p1["flops"] == pytest.approx(small * 512) and p2["flops"] == pytest.approx(large * 512)
+    assert report["baseline"]["flops"] == pytest.approx(large * 1024)
+    assert 0 < report["progressive"]["final_val_loss"] < 2.31  # below chance (ln 10) on 10 classes

@@ -22,27 +22,86 @@ CASES = [
     ("wrong type", PIPE, ["train.total_tokens=abc"], ["train.total_tokens must be an integer", "'abc'"]),
     ("negative size", PIPE, ["train.batch_tokens=-512"], ["train.batch_tokens must be > 0"]),
     ("zero size", PIPE, ["train.total_tokens=0"], ["train.total_tokens must be > 0"]),
-    ("tau beyond decay start", PIPE, ["growth.tau_frac=0.95"], ["not before the decay start", "lower growth.tau_frac"]),
-    ("copying from 0 layers", PIPE, ["growth.method=copying"], ["cannot copy from a 0-layer model", "use 'random'"]),
+    (
+        "tau beyond decay start",
+        PIPE,
+        ["growth.tau_frac=0.95"],
+        ["not before the decay start", "lower growth.tau_frac"],
+    ),
+    (
+        "copying from 0 layers",
+        PIPE,
+        ["growth.method=copying"],
+        ["cannot copy from a 0-layer model", "use 'random'"],
+    ),
     ("target below source", PIPE, ["growth.source_depth=5"], ["below the source depth 5"]),
-    ("batch not divisible", PIPE, ["train.batch_tokens=1000"], ["train.batch_tokens (1000) must be a multiple", "e.g. 1024"]),
-    ("phase-2 batch below phase 1", PIPE, ["growth.batch_tokens_after=256"], ["growth.batch_tokens_after (256) must be >="]),
+    (
+        "batch not divisible",
+        PIPE,
+        ["train.batch_tokens=1000"],
+        ["train.batch_tokens (1000) must be a multiple", "e.g. 1024"],
+    ),
+    (
+        "phase-2 batch below phase 1",
+        PIPE,
+        ["growth.batch_tokens_after=256"],
+        ["growth.batch_tokens_after (256) must be >="],
+    ),
     ("unknown model kind", PIPE, ["model.kind=rnn"], ["model.kind must be one of", "'rnn'"]),
     ("unknown optimizer", PIPE, ["optimizer.name=sgd"], ["optimizer.name must be one of", "'sgd'"]),
     ("negative learning rate", TRAIN, ["optimizer.lr=-1"], ["optimizer.lr must be > 0"]),
     ("unknown growth method", PIPE, ["growth.method=magic"], ["growth.method must be one of"]),
-    ("vocab below the tokenizer's", PIPE, ["model.vocab_size=1000"], ["model.vocab_size (1000)", "use >= 50257"]),
-    ("context beyond block size", PIPE, ["model.block_size=16"], ["data.seq_len (32) exceeds model.block_size (16)"]),
+    (
+        "vocab below the tokenizer's",
+        PIPE,
+        ["model.vocab_size=1000"],
+        ["model.vocab_size (1000)", "use >= 50257"],
+    ),
+    (
+        "context beyond block size",
+        PIPE,
+        ["model.block_size=16"],
+        ["data.seq_len (32) exceeds model.block_size (16)"],
+    ),
     ("warmup fraction", PIPE, ["schedule.warmup_frac=1.5"], ["schedule.warmup_frac must be in [0, 1)"]),
     ("search fraction", PIPE, ["tune.search_fraction=2"], ["tune.search_fraction must be in (0, 1]"]),
-    ("no-saving policy", PIPE, ["tune.on_no_saving=maybe"], ["tune.on_no_saving must be 'fixed' or 'expand'"]),
-    ("bad growth stage", TRAIN, ["model.n_layer=3", "growth.stages=[{{depth: 1, tau_frac: 0.9}}]"], ["strictly increase"]),
+    (
+        "no-saving policy",
+        PIPE,
+        ["tune.on_no_saving=maybe"],
+        ["tune.on_no_saving must be 'fixed' or 'expand'"],
+    ),
+    (
+        "bad growth stage",
+        TRAIN,
+        ["model.n_layer=3", "growth.stages=[{{depth: 1, tau_frac: 0.9}}]"],
+        ["strictly increase"],
+    ),
     ("malformed --set", PIPE, ["train.total_tokens"], ["--set takes key=value"]),
-    ("missing data", PIPE, ["data.source={tmp}/missing", "data.uri={tmp}/shards"], ["data.source", "no input files"]),
-    ("empty corpus", PIPE, ["data.source={tmp}/empty", "data.uri={tmp}/shards"], ["data.source", "no input files"]),
-    ("unwritable data.uri", PIPE, ["data.uri=/dev/null/shards"], ["data.uri /dev/null/shards: cannot write there"]),
-    ("workers beyond the cluster", PIPE, ["ray.cpus_per_worker=3"], ["needs 9 CPUs but the cluster has 4",
-                                                                   "set ray.standby=false"]),
+    (
+        "missing data",
+        PIPE,
+        ["data.source={tmp}/missing", "data.uri={tmp}/shards"],
+        ["data.source", "no input files"],
+    ),
+    (
+        "empty corpus",
+        PIPE,
+        ["data.source={tmp}/empty", "data.uri={tmp}/shards"],
+        ["data.source", "no input files"],
+    ),
+    (
+        "unwritable data.uri",
+        PIPE,
+        ["data.uri=/dev/null/shards"],
+        ["data.uri /dev/null/shards: cannot write there"],
+    ),
+    (
+        "workers beyond the cluster",
+        PIPE,
+        ["ray.cpus_per_worker=3"],
+        ["needs 9 CPUs but the cluster has 4", "set ray.standby=false"],
+    ),
     ("NaN loss", TRAIN, ["optimizer.lr=1e30"], ["non-finite training loss", "Lower optimizer.lr"]),
 ]
 
@@ -89,9 +148,18 @@ def test_bad_input_gives_one_clear_line_and_exit_2(case, cmd, sets, fragments, t
 
 def test_missing_and_malformed_config_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: x\nmodel: [unclosed\n")
-    for path, fragment in ((tmp_path / "nope.yaml", "no such file"), (tmp_path / "bad.yaml", "not valid YAML")):
-        p = subprocess.run([sys.executable, "-m", "progrow_ray.pipeline", "--config", str(path)], cwd=ROOT, env=ENV,
-                           capture_output=True, text=True, timeout=120)
+    for path, fragment in (
+        (tmp_path / "nope.yaml", "no such file"),
+        (tmp_path / "bad.yaml", "not valid YAML"),
+    ):
+        p = subprocess.run(
+            [sys.executable, "-m", "progrow_ray.pipeline", "--config", str(path)],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         check_one_line(p, [str(path), fragment])
 
 
@@ -104,7 +172,9 @@ def test_storage_that_cannot_be_reached_fails_before_training(tmp, s3_endpoint):
     dead = {**ENV, **CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
     p, _ = run_case(PIPE, [], tmp, env=dead, extra=["--out=s3://runs/x"])
     check_one_line(p, ["run storage is not reachable", "check the endpoint and credentials"])
-    assert "Started a local Ray instance" not in p.stderr + p.stdout  # before any cluster, before any training
+    assert (
+        "Started a local Ray instance" not in p.stderr + p.stdout
+    )  # before any cluster, before any training
 
 
 def test_tampered_tokenizer_files_are_refused(tmp_path):

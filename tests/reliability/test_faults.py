@@ -24,10 +24,14 @@ def train_losses(state: dict, phase: str) -> list:
 def clean(text_corpus, prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean")
     run(pipeline_cmd(text_corpus, prepared, out, *COMMON))
-    return json.loads((out / "tiny" / "report.json").read_text()), json.loads((out / "tiny" / "pipeline_state.json").read_text())
+    return json.loads((out / "tiny" / "report.json").read_text()), json.loads(
+        (out / "tiny" / "pipeline_state.json").read_text()
+    )
 
 
-def test_worker_faults_and_a_torn_checkpoint_end_bit_exactly_like_a_clean_run(clean, text_corpus, prepared, tmp_path):
+def test_worker_faults_and_a_torn_checkpoint_end_bit_exactly_like_a_clean_run(
+    clean, text_corpus, prepared, tmp_path
+):
     markers = {k: tmp_path / f"{k}.json" for k in ("phase1", "expansion", "torn")}
     faults = [
         {"phase": "phase1", "at_tokens": 3072, "rank": 0, "marker": str(markers["phase1"])},
@@ -35,13 +39,21 @@ def test_worker_faults_and_a_torn_checkpoint_end_bit_exactly_like_a_clean_run(cl
         {"phase": "phase2", "at_tokens": 6144, "rank": 1, "marker": str(markers["expansion"])},
         # fires at the next logged step (10240): tear the newest registered checkpoint (9216), die; the
         # restart must detect it and resume from the one before (8192)
-        {"phase": "phase2", "at_tokens": 9216, "rank": 0, "marker": str(markers["torn"]), "action": "corrupt_latest",
-         "delay_s": 3},
+        {
+            "phase": "phase2",
+            "at_tokens": 9216,
+            "rank": 0,
+            "marker": str(markers["torn"]),
+            "action": "corrupt_latest",
+            "delay_s": 3,
+        },
     ]
     dead_mlflow = f"http://127.0.0.1:{free_port()}"  # nothing listens there: MLflow is down
     out = tmp_path / "out"
-    log = run(pipeline_cmd(text_corpus, prepared, out, *COMMON, "--mlflow-uri", dead_mlflow),
-              env={**ENV, "PROGROW_FAULT": json.dumps(faults)})
+    log = run(
+        pipeline_cmd(text_corpus, prepared, out, *COMMON, "--mlflow-uri", dead_mlflow),
+        env={**ENV, "PROGROW_FAULT": json.dumps(faults)},
+    )
     fired = {k: json.loads(m.read_text()) for k, m in markers.items()}  # every worker really died
     assert fired["torn"]["damaged"] is not None and fired["expansion"]["tokens"] == 6144
     workers = run_logs(out / "tiny")  # what the workers printed is in the run's log file, not on the console
@@ -75,15 +87,31 @@ def wait_for(predicate, proc, timeout=400):
 
 def test_driver_killed_in_the_search_and_in_phase1_resumes(clean, text_corpus, prepared, tmp_path):
     out = tmp_path / "out"
-    cmd = pipeline_cmd(text_corpus, prepared, out, "--set", "baseline.enabled=false", "--set", "tune.search_fraction=0.5",
-                       "--set", "tune.on_no_saving=expand")
+    cmd = pipeline_cmd(
+        text_corpus,
+        prepared,
+        out,
+        "--set",
+        "baseline.enabled=false",
+        "--set",
+        "tune.search_fraction=0.5",
+        "--set",
+        "tune.on_no_saving=expand",
+    )
     root = out / "tiny"
 
     def start(hold: dict):
         # the run blocks at the hold point (a fault of the action "hold"): the kill cannot come too late
         env = {**ENV, "PROGROW_FAULT": json.dumps({**hold, "action": "hold"})}
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
     def kill(proc):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -101,7 +129,10 @@ def test_driver_killed_in_the_search_and_in_phase1_resumes(clean, text_corpus, p
     # 2. during phase 1: rank 0 holds at 3072 tokens, once a checkpoint is committed
     held = tmp_path / "held-phase1.json"
     proc = start({"phase": "phase1", "at_tokens": 3072, "marker": str(held)})
-    wait_for(lambda: held.exists() and list((root / "ray" / "tiny-phase1").glob("checkpoint_*/manifest.json")), proc)
+    wait_for(
+        lambda: held.exists() and list((root / "ray" / "tiny-phase1").glob("checkpoint_*/manifest.json")),
+        proc,
+    )
     kill(proc)
     state = json.loads((root / "pipeline_state.json").read_text())
     assert "tau_search" in state and "phases" not in state

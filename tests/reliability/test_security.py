@@ -29,7 +29,9 @@ class Exploit:
 def test_a_forged_checkpoint_cannot_run_code(tmp_path):
     """An attacker who can write the bucket can also recompute the manifest's sha256; weights_only=True
     is what stops the pickle from running code."""
-    uri = write_checkpoint(str(tmp_path / "ck"), {"model.pt": {"w": torch.ones(2)}, "state.json": {"step": 1}})
+    uri = write_checkpoint(
+        str(tmp_path / "ck"), {"model.pt": {"w": torch.ones(2)}, "state.json": {"step": 1}}
+    )
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"w": Exploit(marker)}, evil)
@@ -40,16 +42,22 @@ def test_a_forged_checkpoint_cannot_run_code(tmp_path):
     (Path(uri) / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises((CheckpointError, Exception)) as err:
         read_checkpoint(uri)
-    assert "Weights only load failed" in str(err.value) or "weights_only" in str(err.value) or isinstance(
-        err.value, CheckpointError)
+    assert (
+        "Weights only load failed" in str(err.value)
+        or "weights_only" in str(err.value)
+        or isinstance(err.value, CheckpointError)
+    )
     assert not marker.exists()  # the payload never ran
 
 
 def test_every_torch_load_is_weights_only():
     loads = []
     for path in (ROOT / "progrow_ray").rglob("*.py"):
-        loads += [(path.name, line) for line in path.read_text().splitlines()
-                  if re.search(r"torch\.load\(", line) and not line.lstrip().startswith(("#", "is ", "``"))]
+        loads += [
+            (path.name, line)
+            for line in path.read_text().splitlines()
+            if re.search(r"torch\.load\(", line) and not line.lstrip().startswith(("#", "is ", "``"))
+        ]
     assert loads and all("weights_only=True" in line for _, line in loads), loads
 
 
@@ -57,14 +65,21 @@ def test_local_servers_bind_loopback_only():
     """Code that starts servers here (Ray dashboard, MLflow UI hint, moto in tests) names 127.0.0.1;
     0.0.0.0 appears only in Kubernetes manifests, where pods must accept their Service's traffic."""
     offenders = []
-    for path in [*(ROOT / "progrow_ray").rglob("*.py"), *(ROOT / "tests").rglob("*.py"), ROOT / "cluster" / "local.sh",
-                 ROOT / "Makefile", ROOT / "README.md"]:
+    for path in [
+        *(ROOT / "progrow_ray").rglob("*.py"),
+        *(ROOT / "tests").rglob("*.py"),
+        ROOT / "cluster" / "local.sh",
+        ROOT / "Makefile",
+        ROOT / "README.md",
+    ]:
         text = path.read_text()
         if "0.0.0.0" in text and path.name != "test_security.py":
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
     orchestration = ROOT / "progrow_ray" / "orchestration"
-    assert "dashboard_host=\"127.0.0.1\"" in (orchestration / "cluster.py").read_text()  # RaySession's local cluster
+    assert (
+        'dashboard_host="127.0.0.1"' in (orchestration / "cluster.py").read_text()
+    )  # RaySession's local cluster
     assert "--host 127.0.0.1" in (orchestration / "job.py").read_text()  # the MLflow UI command we print
     assert "127.0.0.1" in (ROOT / "cluster" / "local.sh").read_text()
 
@@ -81,9 +96,13 @@ def listen_addresses(port: int) -> list[str]:
             if state != "0A" or int(hexport, 16) != port:
                 continue
             if v6:
-                out.append("::1" if addr == "0" * 31 + "1" or addr.endswith("0100007F") else ("::" if set(addr) == {"0"} else addr))
+                out.append(
+                    "::1"
+                    if addr == "0" * 31 + "1" or addr.endswith("0100007F")
+                    else ("::" if set(addr) == {"0"} else addr)
+                )
             else:
-                out.append(".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+                out.append(".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0)))
     return out
 
 
@@ -92,8 +111,8 @@ def test_local_ray_dashboard_listens_on_loopback(tmp_path):
     import ray
 
     from progrow_ray.engine.config import load_run_config
-    from progrow_ray.orchestration.config import PipelineConfig
     from progrow_ray.orchestration.cluster import RaySession
+    from progrow_ray.orchestration.config import PipelineConfig
 
     cfg = load_run_config(ROOT / "tests" / "orchestration" / "tiny.yaml", [], cls=PipelineConfig)
     with RaySession(None, cfg.ray.local_cpus, log=lambda _: None) as session:
@@ -113,7 +132,12 @@ def test_local_ray_dashboard_listens_on_loopback(tmp_path):
 
 
 def test_manifests_take_credentials_by_secret_reference():
-    docs = [d for f in sorted((ROOT / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    docs = [
+        d
+        for f in sorted((ROOT / "kubernetes").glob("*.yaml"))
+        for d in yaml.safe_load_all(f.read_text())
+        if d
+    ]
     env_entries = []
 
     def walk(node):
@@ -127,9 +151,15 @@ def test_manifests_take_credentials_by_secret_reference():
                 walk(v)
 
     walk(docs)
-    secret = [e for e in env_entries if e["name"] in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-              or any(w in e["name"] for w in ("PASSWORD", "TOKEN", "SECRET"))]
-    assert secret and all("secretKeyRef" in e.get("valueFrom", {}) and "value" not in e for e in secret), secret
+    secret = [
+        e
+        for e in env_entries
+        if e["name"] in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+        or any(w in e["name"] for w in ("PASSWORD", "TOKEN", "SECRET"))
+    ]
+    assert secret and all("secretKeyRef" in e.get("valueFrom", {}) and "value" not in e for e in secret), (
+        secret
+    )
 
 
 def test_secrets_never_reach_mlflow_or_the_log(tmp_path, text_corpus, prepared):
@@ -140,9 +170,16 @@ def test_secrets_never_reach_mlflow_or_the_log(tmp_path, text_corpus, prepared):
     from ..orchestration.test_pipeline import ENV, pipeline_cmd
 
     secret = "sEcReT-d41d8cd98f00b204e9800998ecf8427e"
-    env = {**ENV, "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": "AKIA-TEST", "MLFLOW_TRACKING_PASSWORD": secret}
+    env = {
+        **ENV,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_ACCESS_KEY_ID": "AKIA-TEST",
+        "MLFLOW_TRACKING_PASSWORD": secret,
+    }
     out = tmp_path / "out"
-    cmd = pipeline_cmd(text_corpus, prepared, out, "--set", "tune.enabled=false", "--set", "baseline.enabled=false")
+    cmd = pipeline_cmd(
+        text_corpus, prepared, out, "--set", "tune.enabled=false", "--set", "baseline.enabled=false"
+    )
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert secret not in p.stdout + p.stderr
@@ -156,7 +193,7 @@ def test_secrets_never_reach_mlflow_or_the_log(tmp_path, text_corpus, prepared):
         assert secret not in blob
         for a in client.list_artifacts(r.info.run_id):
             local = Path(client.download_artifacts(r.info.run_id, a.path, str(tmp_path / "dl")))
-            for f in ([local] if local.is_file() else [f for f in local.rglob("*") if f.is_file()]):  # images/
+            for f in [local] if local.is_file() else [f for f in local.rglob("*") if f.is_file()]:  # images/
                 assert secret.encode() not in f.read_bytes(), f
     for f in out.rglob("*"):
         if f.is_file() and f.suffix in (".json", ".md", ".yaml", ".log", ".jsonl", ".txt"):

@@ -31,8 +31,12 @@ SCRIPT = textwrap.dedent("""
 
 def run(tmp_path, verbose: bool):
     log = tmp_path / "logs" / "run.log"
-    p = subprocess.run([sys.executable, "-c", SCRIPT, str(log), "1" if verbose else "0"], capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(log), "1" if verbose else "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     return p, log.read_text()
 
@@ -43,16 +47,29 @@ def test_quiet_console_shows_only_its_own_lines(tmp_path):
     assert lines[0] == "== stage one" and lines[-2] == "verdict: fine" and lines[-1] == "after the console"
     assert p.stderr == ""  # nothing that looks like an error: the thread's traceback went to the log
     assert "noise" not in p.stdout and "ZeroDivisionError" not in p.stdout
-    progress = [l for l in lines if l.startswith("phase1")]  # off a terminal: the final line only (interval 1 h)
+    progress = [
+        line for line in lines if line.startswith("phase1")
+    ]  # off a terminal: the final line only (interval 1 h)
     assert len(progress) == 1 and "100% 1.0k/1.0k tok" in progress[0] and "world 2" in progress[0]
-    for text in ("noise from print", "noise written to fd 2", "noise from a child", "ZeroDivisionError",
-                 "a detail for the log", "== stage one", "verdict: fine"):
+    for text in (
+        "noise from print",
+        "noise written to fd 2",
+        "noise from a child",
+        "ZeroDivisionError",
+        "a detail for the log",
+        "== stage one",
+        "verdict: fine",
+    ):
         assert text in log, text
 
 
 def test_verbose_console_shows_everything(tmp_path):
     p, log = run(tmp_path, verbose=True)
-    assert "noise from print" in p.stdout and "noise written to fd 2" in p.stderr and "ZeroDivisionError" in p.stderr
+    assert (
+        "noise from print" in p.stdout
+        and "noise written to fd 2" in p.stderr
+        and "ZeroDivisionError" in p.stderr
+    )
     assert "a detail for the log" in p.stdout and "verdict: fine" in log
 
 

@@ -6,13 +6,13 @@ import dataclasses
 from typing import Any
 
 from ..errors import ConfigError
-from .base import ExpandableModel, unwrap_model
+from .base import ExpandableModel, LanguageModelConfig, ModelConfig, unwrap_model
 from .gpt import GPT, GPTConfig
 from .llama import Llama, LlamaConfig
 from .moe import MoEConfig, MoEGPT
 from .resnet import ResNet, ResNetConfig
 
-MODELS: dict[str, tuple[type, type[ExpandableModel]]] = {
+MODELS: dict[str, tuple[type[ModelConfig], type[ExpandableModel]]] = {
     "gpt": (GPTConfig, GPT),
     "moe": (MoEConfig, MoEGPT),
     "resnet": (ResNetConfig, ResNet),
@@ -20,11 +20,15 @@ MODELS: dict[str, tuple[type, type[ExpandableModel]]] = {
 }
 
 
-def make_config(kind: str, **fields: Any):
-    """Config dataclass of model ``kind`` from plain fields; unknown kinds or fields are ConfigErrors."""
+def model_config_class(kind: str) -> type[ModelConfig]:
     if kind not in MODELS:
         raise ConfigError(f"model.kind must be one of {sorted(MODELS)}, got {kind!r}")
-    config_cls = MODELS[kind][0]
+    return MODELS[kind][0]
+
+
+def make_config(kind: str, **fields: Any):
+    """Config dataclass of model ``kind`` from plain fields; unknown kinds or fields are ConfigErrors."""
+    config_cls = model_config_class(kind)
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -52,6 +56,21 @@ def model_kind(config) -> str:
 
 
 __all__ = [
-    "MODELS", "ExpandableModel", "GPT", "GPTConfig", "Llama", "LlamaConfig", "MoEConfig", "MoEGPT",
-    "ResNet", "ResNetConfig", "build_model", "make_config", "model_kind", "unwrap_model",
+    "MODELS",
+    "ExpandableModel",
+    "GPT",
+    "GPTConfig",
+    "LanguageModelConfig",
+    "Llama",
+    "LlamaConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "MoEGPT",
+    "ResNet",
+    "ResNetConfig",
+    "build_model",
+    "make_config",
+    "model_config_class",
+    "model_kind",
+    "unwrap_model",
 ]

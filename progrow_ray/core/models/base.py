@@ -14,10 +14,76 @@ The growth code (``core/growth.py``) only talks to this interface, so it is mode
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import replace
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
+
+from ..errors import require
+
+# How training FLOPs are counted (see ``core/flops.py``): every matmul the hardware runs, or the paper's
+# eq. 1.1 (6 x non-embedding parameters per token).
+CONVENTIONS = ("full", "paper")
+
+
+def check_convention(convention: str) -> None:
+    require(
+        convention in CONVENTIONS, f"FLOPs convention must be one of {list(CONVENTIONS)}, got {convention!r}"
+    )
+
+
+class ModelConfig:
+    """What a model's config dataclass tells the rest of the code, so nothing above the models needs
+    to know which model it holds: the expandable depth, the same model at another depth, the unit its
+    data is counted in, and the training FLOPs per unit."""
+
+    unit: ClassVar[str]  # "token" (language models) or "image" (ResNet): what train.total_tokens counts
+    depth_field: ClassVar[str]  # the dataclass field holding the depth (n_layer, blocks)
+
+    @property
+    def depth(self) -> Any:
+        """The user-facing depth ``expand_depth`` takes: an int, or a ResNet's blocks per stage (a list)."""
+        raise NotImplementedError
+
+    def with_depth(self, depth: Any):
+        """The same architecture at ``depth``."""
+        return replace(self, **{self.depth_field: depth})
+
+    def train_flops_per_unit(
+        self, seq_len: int | None = None, image_size: int = 224, convention: str = "full"
+    ) -> float:
+        """FLOPs of one training step per token (per image), forward + backward, under ``convention``."""
+        raise NotImplementedError
+
+
+class LanguageModelConfig(ModelConfig):
+    """Decoder language models (fields n_layer, n_embd, vocab_size, block_size): depth is the number
+    of blocks; a token passes through ``matmul_params_per_token`` weights plus attention."""
+
+    unit = "token"
+    depth_field = "n_layer"
+
+    @property
+    def depth(self) -> int:
+        return self.n_layer
+
+    def matmul_params_per_token(self) -> int:
+        """Weights a token passes through in matmuls, forward: blocks (active experts only) + the head."""
+        raise NotImplementedError
+
+    def non_embedding_params_per_token(self) -> int:
+        """The paper's N (eq. 1.1): the matmul weights less the head (tied or not)."""
+        return self.matmul_params_per_token() - self.vocab_size * self.n_embd
+
+    def train_flops_per_unit(
+        self, seq_len: int | None = None, image_size: int = 224, convention: str = "full"
+    ) -> float:
+        check_convention(convention)
+        if convention == "paper":
+            return 6.0 * self.non_embedding_params_per_token()
+        T = self.block_size if seq_len is None else seq_len
+        return 6.0 * self.matmul_params_per_token() + 12.0 * self.n_layer * T * self.n_embd
 
 
 class ExpandableModel(nn.Module):

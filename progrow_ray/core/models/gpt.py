@@ -14,11 +14,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import require
-from .base import ExpandableModel, cross_entropy, init_normal_, residual_std
+from .base import ExpandableModel, LanguageModelConfig, cross_entropy, init_normal_, residual_std
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(LanguageModelConfig):
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for fast matmuls
     block_size: int = 1024
     n_layer: int = 12
@@ -41,6 +41,9 @@ class GPTConfig:
     @property
     def n_head(self) -> int:
         return self.n_embd // self.head_dim
+
+    def matmul_params_per_token(self) -> int:
+        return self.n_layer * 12 * self.n_embd**2 + self.vocab_size * self.n_embd
 
 
 def dropout(p: float) -> nn.Module:
@@ -103,7 +106,9 @@ class GPT(ExpandableModel):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = dropout(config.dropout)
-        self.blocks = nn.ModuleList(self.new_block("blocks", i, config.n_layer) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(
+            self.new_block("blocks", i, config.n_layer) for i in range(config.n_layer)
+        )
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying: one (V, d) tensor, counted once
@@ -115,8 +120,10 @@ class GPT(ExpandableModel):
         return {"blocks": self.blocks}
 
     def group_depths_for(self, target) -> dict[str, int]:
-        require(isinstance(target, int) and not isinstance(target, bool),
-                f"target depth for a GPT must be an int number of layers, got {target!r}")
+        require(
+            isinstance(target, int) and not isinstance(target, bool),
+            f"target depth for a GPT must be an int number of layers, got {target!r}",
+        )
         return {"blocks": target}
 
     def _make_block(self, position: int) -> nn.Module:
@@ -136,7 +143,10 @@ class GPT(ExpandableModel):
     # ---- forward --------------------------------------------------------------------------------
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.size(1)
-        require(T <= self.config.block_size, f"sequence length {T} exceeds model.block_size {self.config.block_size}")
+        require(
+            T <= self.config.block_size,
+            f"sequence length {T} exceeds model.block_size {self.config.block_size}",
+        )
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:

@@ -11,11 +11,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import require
-from .base import ExpandableModel, cross_entropy, init_normal_, residual_std
+from .base import ExpandableModel, LanguageModelConfig, cross_entropy, init_normal_, residual_std
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(LanguageModelConfig):
     vocab_size: int = 50304
     block_size: int = 1024
     n_layer: int = 12
@@ -27,12 +27,18 @@ class LlamaConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        require(self.vocab_size > 0 and self.block_size > 0, "model.vocab_size and model.block_size must be > 0")
+        require(
+            self.vocab_size > 0 and self.block_size > 0, "model.vocab_size and model.block_size must be > 0"
+        )
         require(self.n_layer >= 0, f"model.n_layer must be >= 0, got {self.n_layer}")
-        require(self.head_dim > 0 and self.n_embd % self.head_dim == 0 and self.head_dim % 2 == 0,
-                f"model.n_embd ({self.n_embd}) must be a multiple of an even model.head_dim ({self.head_dim})")
-        require(self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0,
-                f"model.n_kv_head ({self.n_kv_head}) must divide the number of heads ({self.n_head})")
+        require(
+            self.head_dim > 0 and self.n_embd % self.head_dim == 0 and self.head_dim % 2 == 0,
+            f"model.n_embd ({self.n_embd}) must be a multiple of an even model.head_dim ({self.head_dim})",
+        )
+        require(
+            self.n_kv_head >= 1 and self.n_head % self.n_kv_head == 0,
+            f"model.n_kv_head ({self.n_kv_head}) must divide the number of heads ({self.n_head})",
+        )
         require(self.multiple_of >= 1, "model.multiple_of must be >= 1")
 
     @property
@@ -44,9 +50,17 @@ class LlamaConfig:
         hidden = int(8 * self.n_embd / 3)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def matmul_params_per_token(self) -> int:
+        """Grouped-query attention (K/V at n_kv_head heads), SwiGLU's three matrices, the untied head."""
+        d, kv = self.n_embd, self.n_kv_head * self.head_dim
+        attn = 2 * d * d + 2 * d * kv
+        return self.n_layer * (attn + 3 * d * self.ffn_hidden) + self.vocab_size * d
+
 
 def rope_tables(cfg: LlamaConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim)
+    )
     angles = torch.outer(torch.arange(cfg.block_size, device=device).float(), inv_freq)  # (T, hd/2)
     return angles.cos(), angles.sin()
 
@@ -109,7 +123,9 @@ class Llama(ExpandableModel):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(self.new_block("layers", i, config.n_layer) for i in range(config.n_layer))
+        self.layers = nn.ModuleList(
+            self.new_block("layers", i, config.n_layer) for i in range(config.n_layer)
+        )
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         init_normal_(self.tok_embeddings)
@@ -122,8 +138,10 @@ class Llama(ExpandableModel):
         return {"layers": self.layers}
 
     def group_depths_for(self, target) -> dict[str, int]:
-        require(isinstance(target, int) and not isinstance(target, bool),
-                f"target depth for a Llama model must be an int number of layers, got {target!r}")
+        require(
+            isinstance(target, int) and not isinstance(target, bool),
+            f"target depth for a Llama model must be an int number of layers, got {target!r}",
+        )
         return {"layers": target}
 
     def new_block(self, group: str, position: int, group_depth: int) -> nn.Module:
@@ -138,7 +156,10 @@ class Llama(ExpandableModel):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         T = idx.size(1)
-        require(T <= self.config.block_size, f"sequence length {T} exceeds model.block_size {self.config.block_size}")
+        require(
+            T <= self.config.block_size,
+            f"sequence length {T} exceeds model.block_size {self.config.block_size}",
+        )
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, self.rope_cos, self.rope_sin)

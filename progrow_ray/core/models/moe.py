@@ -30,14 +30,25 @@ class MoEConfig(GPTConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.n_experts >= 1, f"model.n_experts must be >= 1, got {self.n_experts}")
-        require(1 <= self.top_k <= self.n_experts,
-                f"model.top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        require(
+            1 <= self.top_k <= self.n_experts,
+            f"model.top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}",
+        )
         require(self.capacity_factor > 0, f"model.capacity_factor must be > 0, got {self.capacity_factor}")
         require(self.aux_loss_weight >= 0 and self.z_loss_weight >= 0, "model.*_loss_weight must be >= 0")
         require(self.moe_every >= 1, f"model.moe_every must be >= 1, got {self.moe_every}")
 
     def is_moe_layer(self, position: int) -> bool:
         return position % self.moe_every == 0
+
+    def matmul_params_per_token(self) -> int:
+        """Attention, plus the router and the ``top_k`` active experts on MoE layers (dense MLP elsewhere)."""
+        d = self.n_embd
+        per_layer = [
+            4 * d * d + (d * self.n_experts + self.top_k * 8 * d * d if self.is_moe_layer(i) else 8 * d * d)
+            for i in range(self.n_layer)
+        ]
+        return sum(per_layer) + self.vocab_size * d
 
 
 class MoEMLP(nn.Module):
@@ -91,7 +102,9 @@ class MoEMLP(nn.Module):
         buffer = tokens.new_zeros(E * C, d).index_copy(0, slot, tokens[token_index])
         hidden = F.gelu(torch.bmm(buffer.view(E, C, d), self.w_fc))
         out_slots = torch.bmm(hidden, self.w_proj).view(E * C, d)
-        out = tokens.new_zeros(N, d).index_add(0, token_index, out_slots[slot] * weight.unsqueeze(-1).to(x.dtype))
+        out = tokens.new_zeros(N, d).index_add(
+            0, token_index, out_slots[slot] * weight.unsqueeze(-1).to(x.dtype)
+        )
 
         # Switch load-balancing loss: E * sum_i f_i * P_i, f_i = share of assignments to expert i.
         fraction = assign.float().mean(0)  # over all k*N assignments, dropped ones included

@@ -15,35 +15,81 @@ import torch
 from torch import nn
 
 from ..errors import require
-from .base import ExpandableModel, cross_entropy
+from .base import ExpandableModel, ModelConfig, check_convention, cross_entropy
 
 EXPANSION = 4  # bottleneck output channels = 4 x its width
 
 
 @dataclass(frozen=True)
-class ResNetConfig:
+class ResNetConfig(ModelConfig):
     blocks: tuple[int, ...] = (3, 4, 6, 3)
     num_classes: int = 1000
     base_width: int = 64  # stage widths are base_width * (1, 2, 4, 8)
     in_channels: int = 3
     stem: str = "imagenet"  # "imagenet": 7x7/2 conv + 3x3/2 max-pool; "cifar": 3x3/1 conv, no pool
 
+    unit = "image"
+    depth_field = "blocks"
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(self.blocks))
-        require(len(self.blocks) == 4 and all(isinstance(b, int) and b >= 1 for b in self.blocks),
-                f"model.blocks must be 4 ints >= 1 (e.g. [1, 1, 1, 1] or [3, 4, 6, 3]), got {list(self.blocks)}")
+        require(
+            len(self.blocks) == 4 and all(isinstance(b, int) and b >= 1 for b in self.blocks),
+            f"model.blocks must be 4 ints >= 1 (e.g. [1, 1, 1, 1] or [3, 4, 6, 3]), got {list(self.blocks)}",
+        )
         require(self.num_classes > 0, f"model.num_classes must be > 0, got {self.num_classes}")
         require(self.base_width > 0, f"model.base_width must be > 0, got {self.base_width}")
-        require(self.stem in ("imagenet", "cifar"), f"model.stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        require(
+            self.stem in ("imagenet", "cifar"), f"model.stem must be 'imagenet' or 'cifar', got {self.stem!r}"
+        )
 
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(self.base_width * m for m in (1, 2, 4, 8))
 
     @property
-    def depth(self) -> int:
-        """Conventional ResNet depth: 3 convs per bottleneck + stem conv + classifier."""
+    def depth(self) -> list[int]:
+        """Blocks per stage: what ``expand_depth`` takes (e.g. [1, 1, 1, 1] -> [3, 4, 6, 3])."""
+        return list(self.blocks)
+
+    @property
+    def conventional_depth(self) -> int:
+        """The name's number (ResNet50): 3 convs per bottleneck + stem conv + classifier."""
         return 3 * sum(self.blocks) + 2
+
+    def train_flops_per_unit(
+        self, seq_len: int | None = None, image_size: int = 224, convention: str = "full"
+    ) -> float:
+        """Per image: forward conv + fc FLOPs, times 3 for training, less the stem conv's input gradient
+        (images need none). ResNet has no embedding, so both conventions count the same."""
+        check_convention(convention)
+        s = image_size
+        w0 = self.widths[0]
+        if self.stem == "imagenet":
+            s = (s + 2 * 3 - 7) // 2 + 1
+            stem = _conv_flops(self.in_channels, w0, 7, s)
+            s = (s + 2 - 3) // 2 + 1
+        else:
+            stem = _conv_flops(self.in_channels, w0, 3, s)
+        fwd, cin = 0.0, w0
+        for stage, (n, width) in enumerate(zip(self.blocks, self.widths)):
+            for b in range(n):
+                stride = 2 if (stage > 0 and b == 0) else 1
+                out = (s + 2 - 3) // stride + 1
+                fwd += (
+                    _conv_flops(cin, width, 1, s)
+                    + _conv_flops(width, width, 3, out)
+                    + _conv_flops(width, width * EXPANSION, 1, out)
+                )
+                if b == 0 and (stride != 1 or cin != width * EXPANSION):
+                    fwd += _conv_flops(cin, width * EXPANSION, 1, out)
+                cin, s = width * EXPANSION, out
+        fwd += 2.0 * cin * self.num_classes
+        return 3.0 * (fwd + stem) - stem
+
+
+def _conv_flops(cin: int, cout: int, k: int, hw: int) -> float:
+    return 2.0 * cin * cout * k * k * hw * hw
 
 
 class Bottleneck(nn.Module):
@@ -59,7 +105,9 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = None
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -94,12 +142,17 @@ class ResNet(ExpandableModel):
         w0 = config.widths[0]
         if config.stem == "imagenet":
             self.stem = nn.Sequential(
-                nn.Conv2d(config.in_channels, w0, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(w0),
-                nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
+                nn.Conv2d(config.in_channels, w0, 7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(w0),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
         else:
             self.stem = nn.Sequential(
-                nn.Conv2d(config.in_channels, w0, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(w0),
-                nn.ReLU(inplace=True))
+                nn.Conv2d(config.in_channels, w0, 3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(w0),
+                nn.ReLU(inplace=True),
+            )
         nn.init.kaiming_normal_(self.stem[0].weight, mode="fan_out", nonlinearity="relu")
         stages, in_ch = [], w0
         for s, (n, width) in enumerate(zip(config.blocks, config.widths)):
@@ -115,8 +168,12 @@ class ResNet(ExpandableModel):
         return {f"stage{s + 1}": stage.rest for s, stage in enumerate(self.stages)}
 
     def group_depths_for(self, target) -> dict[str, int]:
-        require(isinstance(target, Sequence) and len(target) == 4 and all(isinstance(t, int) and t >= 1 for t in target),
-                f"target depth for a ResNet must be 4 blocks-per-stage ints, e.g. [3, 4, 6, 3]; got {target!r}")
+        require(
+            isinstance(target, Sequence)
+            and len(target) == 4
+            and all(isinstance(t, int) and t >= 1 for t in target),
+            f"target depth for a ResNet must be 4 blocks-per-stage ints, e.g. [3, 4, 6, 3]; got {target!r}",
+        )
         return {f"stage{s + 1}": t - 1 for s, t in enumerate(target)}
 
     def new_block(self, group: str, position: int, group_depth: int) -> nn.Module:

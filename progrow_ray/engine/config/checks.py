@@ -1,0 +1,167 @@
+"""Every check of a run config, each in one place. A failed check is a ``ConfigError`` naming the key
+and the fix; ``RunConfig.validate`` runs them all, ``Trainer`` again at its own world size."""
+
+from __future__ import annotations
+
+import torch
+
+from ...core.errors import require
+from ...core.growth import check_expansion
+from ...core.models import MODELS
+from ...core.optim import FAMILIES, MUON_SCALES
+from .schema import RunConfig
+
+GPT2_VOCAB = 50257  # the data pipeline's tokenizer (progrow_ray.data.tokenizer.VOCAB_SIZE)
+
+
+def check_run_config(cfg: RunConfig, world_size: int = 1) -> None:
+    require(cfg.name and "/" not in cfg.name, f"name must be non-empty without '/', got {cfg.name!r}")
+    check_data(cfg)
+    check_train(cfg, world_size)
+    check_optimizer(cfg)
+    check_model(cfg)
+    cfg.schedule_fn()  # make_schedule checks the schedule section
+    if cfg.growth.enabled:
+        check_growth(cfg, world_size)
+
+
+def check_train(cfg: RunConfig, world_size: int) -> None:
+    t = cfg.train
+    for key in (
+        "total_tokens",
+        "batch_tokens",
+        "micro_batch",
+        "eval_every_tokens",
+        "eval_tokens",
+        "log_every",
+    ):
+        require(getattr(t, key) > 0, f"train.{key} must be > 0, got {getattr(t, key)}")
+    require(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    require(
+        t.dtype in ("auto", "float32", "bfloat16"),
+        f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}",
+    )
+    require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    require(
+        t.checkpoint_every_tokens is None or t.checkpoint_every_tokens > 0,
+        "train.checkpoint_every_tokens must be > 0 or null",
+    )
+    check_batch(t.batch_tokens, world_size, t.micro_batch, cfg.units_per_example, "train.batch_tokens")
+
+
+def check_data(cfg: RunConfig) -> None:
+    d = cfg.data
+    require(d.seq_len > 0, f"data.seq_len must be > 0, got {d.seq_len}")
+    require(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+
+
+def check_optimizer(cfg: RunConfig) -> None:
+    o = cfg.optimizer
+    require(o.name in FAMILIES, f"optimizer.name must be one of {list(FAMILIES)}, got {o.name!r}")
+    require(
+        o.muon_scale in MUON_SCALES,
+        f"optimizer.muon_scale must be one of {list(MUON_SCALES)}, got {o.muon_scale!r}",
+    )
+    require(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
+    require(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+    require(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+
+
+def check_model(cfg: RunConfig) -> None:
+    """The model's own fields are checked by its config dataclass; here, what it must agree with."""
+    target = cfg.target_model_config()
+    if target.unit == "token":
+        require(
+            target.vocab_size >= GPT2_VOCAB,
+            f"model.vocab_size ({target.vocab_size}) is smaller than the GPT-2 tokenizer's ({GPT2_VOCAB}); "
+            f"use "
+            f">= {GPT2_VOCAB} (50304 pads it to a multiple of 64)",
+        )
+        require(
+            target.block_size >= cfg.data.seq_len,
+            f"data.seq_len ({cfg.data.seq_len}) exceeds model.block_size ({target.block_size})",
+        )
+
+
+def check_growth(cfg: RunConfig, world_size: int) -> None:
+    g, t = cfg.growth, cfg.train
+    require(
+        g.tau_tokens is not None or (g.tau_frac is not None and 0 <= g.tau_frac <= 1),
+        f"growth.tau_frac must be in [0, 1] (or set growth.tau_tokens), got {g.tau_frac}",
+    )
+    tau, stable_end = cfg.tau_tokens, cfg.schedule_fn().stable_end_tokens
+    if g.allow_tau_in_decay:
+        require(0 <= tau <= t.total_tokens, f"growth tau ({tau:,} tokens) is beyond train.total_tokens")
+    else:
+        require(
+            0 <= tau < stable_end,
+            f"growth tau ({tau:,} tokens) is not before the decay start ({stable_end:,.0f} tokens, "
+            f"schedule.decay_frac={cfg.schedule.decay_frac}): the expanded model needs stable-phase tokens "
+            f"to "
+            "mix (paper §5.2); lower growth.tau_frac, or set growth.allow_tau_in_decay: true for a research "
+            "sweep",
+        )
+    if g.batch_tokens_after is not None:
+        require(
+            g.batch_tokens_after >= t.batch_tokens,
+            f"growth.batch_tokens_after ({g.batch_tokens_after}) must be >= train.batch_tokens "
+            f"({t.batch_tokens})",
+        )
+        check_batch(
+            g.batch_tokens_after,
+            world_size,
+            t.micro_batch,
+            cfg.units_per_example,
+            "growth.batch_tokens_after",
+        )
+    check_expansion_method(cfg)
+    check_growth_stages(cfg)
+
+
+def check_expansion_method(cfg: RunConfig) -> None:
+    """Source depth / method against the target (Table 2), without building any weights."""
+    target, source = cfg.target_model_config(), cfg.source_model_config()
+    with torch.device("meta"):  # depth groups only: no memory, no init cost
+        model = MODELS[cfg.model_kind][1](source)
+    check_expansion(model, target.depth, cfg.growth.method)
+
+
+def check_growth_stages(cfg: RunConfig) -> None:
+    """Multi-stage growth (paper §6): integer depths and expansion points, both strictly increasing."""
+    for i, st in enumerate(cfg.growth.stages):
+        require(
+            isinstance(st, dict)
+            and set(st) <= {"depth", "tau_frac", "tau_tokens"}
+            and "depth" in st
+            and ("tau_frac" in st or "tau_tokens" in st),
+            f"growth.stages[{i}] must be {{depth: N, tau_frac: F}} or {{depth: N, tau_tokens: T}}, "
+            f"got {st!r}",
+        )
+    points = cfg.expansion_points()
+    if len(points) == 1:
+        return
+    depths = [cfg.growth.source_depth] + [d for _, d in points]
+    tokens = [t for t, _ in points]
+    require(all(isinstance(d, int) for d in depths), "growth.stages needs integer depths (language models)")
+    require(
+        all(a < b for a, b in zip(tokens, tokens[1:])),
+        f"growth.stages: expansion points must come before tau and strictly increase, got {tokens} tokens",
+    )
+    require(
+        all(a < b for a, b in zip(depths, depths[1:])),
+        f"growth.stages: depths must strictly increase from the source to model.n_layer, got {depths}",
+    )
+
+
+def check_batch(
+    batch_tokens: int, world_size: int, micro_batch: int, units_per_example: int, key: str
+) -> int:
+    """Gradient-accumulation steps for a global batch; it must split evenly over ranks and micro-batches."""
+    per_micro = world_size * micro_batch * units_per_example
+    require(
+        batch_tokens % per_micro == 0,
+        f"{key} ({batch_tokens}) must be a multiple of workers x train.micro_batch x data.seq_len "
+        f"= {world_size} x {micro_batch} x {units_per_example} = {per_micro}; "
+        f"e.g. {max(1, round(batch_tokens / per_micro)) * per_micro}",
+    )
+    return batch_tokens // per_micro
