@@ -1,11 +1,12 @@
 """``python -m progrow_ray.plan jobs/X.yaml [--taus ...] [--gpu h100] [--mfu 0.4] [--t-mix TOKENS]``
 
-Prices a preset without training: FLOPs of fixed-size vs progressive training for a range of τ, GPU-hours
-at a given MFU on a given GPU, and the predicted saving — from the core's FLOPs model (6N + attention per
-token, active experts only for MoE, conv by conv per image for ResNet), and the fraction under the paper's
-eq. 1.1 convention too (6 x non-embedding parameters per token: the "5x" of its Figure 1). GPU-hours use
-the full count: it is what the GPU executes. With ``--t-mix`` it also applies the τ planner
-(τ = end of stable − t_mix).
+Prices a preset without training, and sizes its memory: FLOPs of fixed-size vs progressive training for
+a range of τ, GPU-hours at a given MFU on a given GPU, and the predicted saving — from the core's FLOPs
+model (6N + attention per token, active experts only for MoE, conv by conv per image for ResNet), and the
+fraction under the paper's eq. 1.1 convention too (6 x non-embedding parameters per token: the "5x" of its
+Figure 1). GPU-hours use the full count: it is what the GPU executes. With ``--t-mix`` it also applies the
+τ planner (τ = end of stable − t_mix). Last, each phase's per-GPU memory under ddp and fsdp, and what
+``train.parallel: auto`` picks (``orchestration/preflight.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .core.flops import plan_savings
 from .core.mixing import MixResult, plan_tau
 from .engine.config import load_run_config
 from .orchestration.config import PipelineConfig
+from .orchestration.preflight import format_plan, memory_plan
 
 # Dense bf16 tensor-core peaks (vendor datasheets); H100/H200 measured here at ~790 TF/s (see README).
 GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "l4": 121.0, "b200": 2250.0}
@@ -117,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "tau_plan" in p:
         print(f"\nwith t_mix = {args.t_mix:,} {u}: {p['tau_plan']['verdict']}")
+    print()
+    print("\n".join(format_plan(memory_plan(cfg), cfg.ray.gpu_memory_gb)))
+    print(
+        "train.parallel=auto runs a phase under ddp when its ddp estimate fits, else fsdp; the pipeline "
+        "refuses at start a phase whose mode does not fit (ray.use_gpu)"
+    )
     return 0
 
 

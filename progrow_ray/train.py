@@ -1,14 +1,20 @@
 """``python -m progrow_ray.train --config jobs/smoke.yaml [--set key=value ...]``
 
-One fixed-size or progressive run in one process (laptop, GPU box; no Ray). Prepares the data if
-needed, resumes from the run's newest valid checkpoint, shows a progress bar and prints a summary.
+One fixed-size or progressive run (laptop, GPU box; no Ray): one process, or one rank of
+``torchrun --nproc_per_node N -m progrow_ray.train ...`` (DDP or FSDP2 by ``train.parallel``). Prepares the
+data if needed, resumes from the run's newest valid checkpoint, shows a progress bar and prints a summary.
+On a GPU it first checks that the run fits ``ray.gpu_memory_gb`` (``orchestration/preflight.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+import torch
+import torch.distributed as dist
 
 from .cli import run_cli
 from .data.prepare import prepare_run_data
@@ -17,6 +23,7 @@ from .engine.faults import faults_from_env, maybe_inject_fault
 from .engine.trainer import NonFiniteLossError, RunResult, Trainer, default_manager, run_dir
 from .integrations.storage import filesystem
 from .orchestration.config import load_single_run
+from .orchestration.preflight import check_memory
 
 
 def metrics_writer(cfg: RunConfig):
@@ -67,31 +74,71 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
-    cfg = load_single_run(args.config, overrides)
-    prepare_run_data(cfg.data)
+    cfg, full = load_single_run(args.config, overrides, with_pipeline=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cuda:  # the run must fit the GPU: refused now, not out of memory at τ
+        check_memory(full, world=world)
+    started_group = start_process_group(cfg, world, cuda)
+    try:
+        return train(cfg, args)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
+def start_process_group(cfg: RunConfig, world: int, cuda: bool) -> bool:
+    """torchrun's ranks join one group (NCCL on GPUs, gloo on CPU); one process under fsdp gets a group of
+    its own. Returns whether a group was started here."""
+    backend = "nccl" if cuda else "gloo"
+    if cuda and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if world > 1:
+        dist.init_process_group(backend)
+        return True
+    if cfg.train.parallel == "fsdp":
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return True
+    return False
+
+
+def train(cfg: RunConfig, args: argparse.Namespace) -> int:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        prepare_run_data(cfg.data)
+    if dist.is_initialized():
+        dist.barrier()  # the data is prepared before any rank opens it
     resume = None
     if not args.fresh:
-        found = default_manager(cfg).load_latest()
+        found = default_manager(cfg, log=print if rank == 0 else _quiet).load_latest()
         if found:
-            print(f"resuming from {found[0]}")
+            if rank == 0:
+                print(f"resuming from {found[0]}")
             resume = found[1]
-    write, fh = metrics_writer(cfg)
+    write, fh = metrics_writer(cfg) if rank == 0 else (None, None)
     faults = faults_from_env()  # tests only (engine/faults.py)
 
     def on_metrics(event: dict) -> None:
-        write(event)
-        maybe_inject_fault(faults, "train", 0, event["tokens"])
+        if write is not None:
+            write(event)
+        maybe_inject_fault(faults, "train", rank, event["tokens"])
 
     try:
-        trainer = Trainer(cfg, resume=resume, on_metrics=on_metrics)
+        trainer = Trainer(cfg, resume=resume, on_metrics=on_metrics, log=print if rank == 0 else _quiet)
         result = trainer.run(progress_bar=not args.no_progress)
     except NonFiniteLossError as e:  # a setting to fix (lr, data), like any other bad input: exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        fh.close()
-    print("\n".join(["summary:"] + summary_lines(result, cfg)))
+        if fh is not None:
+            fh.close()
+    if rank == 0:
+        print("\n".join(["summary:"] + summary_lines(result, cfg)))
     return 0
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 if __name__ == "__main__":

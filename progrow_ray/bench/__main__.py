@@ -5,6 +5,10 @@
     Tokens/s (and MFU on CUDA) of the engine's train step vs a nanoGPT-style reference loop in this
     file's sibling ``reference.py``; interleaved repeats, medians.
 
+``python -m progrow_ray.bench optimizer --world 1,2,4 [--model tiny|gpt2-124m] [--parallel fsdp|ddp]``
+    The Muon-NSGD step per rank on 1, 2, 4 ... ranks (owners share the Newton–Schulz work), wall-clock and
+    CPU time, as ratios to the first world size (``optimizer.py``).
+
 ``python -m progrow_ray.bench savings --config jobs/smoke.yaml --taus 0.25,0.5,0.8 [--json]``
     A fixed-size run and one progressive run per τ through the engine: final val loss, relative gap
     and FLOPs fraction per τ.
@@ -193,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         "--peak-tflops", type=float, default=790.0, help="dense bf16 peak for MFU (H100 measured: 790)"
     )
     t.add_argument("--json", action="store_true")
+    o = sub.add_parser("optimizer", help="the Muon-NSGD step per rank on 1, 2, 4 ... ranks")
+    o.add_argument("--world", default="1,2,4", help="world sizes, comma-separated")
+    o.add_argument("--model", default="tiny", choices=sorted(SHAPES))
+    o.add_argument("--seq", type=int, default=256, help="context (the position embedding's rows)")
+    o.add_argument("--parallel", default="fsdp", choices=["fsdp", "ddp"])
+    o.add_argument("--steps", type=int, default=5)
+    o.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    o.add_argument("--json", action="store_true")
     s = sub.add_parser("savings", help="fixed vs progressive through the engine, per tau")
     s.add_argument("--config", default="jobs/smoke.yaml")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -200,9 +212,25 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", default="runs/bench-savings")
     s.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    result = throughput(args) if args.command == "throughput" else savings(args)
+    if args.command == "optimizer":
+        from .optimizer import optimizer_bench
+
+        result = optimizer_bench(args)
+    else:
+        result = throughput(args) if args.command == "throughput" else savings(args)
     if args.json:
         print(json.dumps(result, indent=2))
+    elif args.command == "optimizer":
+        print(
+            f"Muon-NSGD step, {result['model']}, {result['parallel']}, "
+            f"{result['threads_per_rank']} thread(s) per rank (slowest rank, median)"
+        )
+        print(f"{'ranks':>5} {'wall s':>9} {'vs 1st':>7} {'CPU s':>9} {'vs 1st':>7}")
+        for r in result["rows"]:
+            print(
+                f"{r['world']:>5} {r['step_s']:>9.4f} {r['vs_first_wall']:>6.2f}x "
+                f"{r['step_cpu_s']:>9.4f} {r['vs_first_cpu']:>6.2f}x"
+            )
     elif args.command == "throughput":
         for k, v in result.items():
             print(f"{k:>32}: {v:.4g}" if isinstance(v, float) else f"{k:>32}: {v}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
@@ -150,34 +150,30 @@ def expand_depth(
     record = GrowthRecord(method=method, source_depths=model.group_depths(), target_depths=dict(targets))
     ref = next(model.parameters())
     copied_from: dict[torch.Tensor, torch.Tensor] = {}
-    fork = torch.random.fork_rng(devices=[]) if generator_seed is not None else contextlib.nullcontext()
-    with fork:
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
-        for name, blocks in model.depth_groups().items():
-            old = list(blocks)
-            origins = layout(method, len(old), targets[name])
-            new_list = []
-            for o in origins:
-                if o.kind == "kept":
-                    block = old[o.source]
-                elif o.kind == "copied":
-                    block = copy.deepcopy(old[o.source])
-                    if method == "copying_zero":
-                        zero_norms_(block)
-                    for p_new, p_src in zip(block.parameters(), old[o.source].parameters()):
-                        copied_from[p_new] = p_src
-                else:
-                    block = model.new_block(name, o.position, targets[name]).to(
-                        device=ref.device, dtype=ref.dtype
-                    )
-                    if o.kind == "zero":
-                        zero_(block)
-                new_list.append(block)
-            # Replace the contents, not the ModuleList, so references to it stay valid.
-            del blocks[:]
-            blocks.extend(new_list)
-            record.origins[name] = origins
+    for name, blocks in model.depth_groups().items():
+        record.origins[name] = layout(method, len(blocks), targets[name])
+    fresh = {
+        (name, position): block
+        for name, position, block in fresh_blocks(model, record.origins, targets, method, generator_seed)
+    }
+    for name, blocks in model.depth_groups().items():
+        old = list(blocks)
+        new_list = []
+        for o in record.origins[name]:
+            if o.kind == "kept":
+                block = old[o.source]
+            elif o.kind == "copied":
+                block = copy.deepcopy(old[o.source])
+                if method == "copying_zero":
+                    zero_norms_(block)
+                for p_new, p_src in zip(block.parameters(), old[o.source].parameters()):
+                    copied_from[p_new] = p_src
+            else:
+                block = fresh[(name, o.position)].to(device=ref.device, dtype=ref.dtype)
+            new_list.append(block)
+        # Replace the contents, not the ModuleList, so references to it stay valid.
+        del blocks[:]
+        blocks.extend(new_list)
     model.set_group_depths(model.group_depths())
     record.new_parameters = sum(
         p.numel()
@@ -189,6 +185,30 @@ def expand_depth(
     if optimizer is not None:
         sync_param_groups(optimizer, model, copied_from if copy_optimizer_state else None)
     return record
+
+
+def fresh_blocks(
+    model: ExpandableModel,
+    origins: dict[str, list[Origin]],
+    targets: dict[str, int],
+    method: str,
+    generator_seed: int | None,
+) -> Iterator[tuple[str, int, nn.Module]]:
+    """The new blocks of an expansion — (group, position, block) for each ``random`` / ``zero`` origin, in
+    order, on the CPU — from one RNG stream seeded by ``generator_seed`` (the global RNG otherwise, left
+    as it was either way when seeded). ``expand_depth`` and the sharded expansion
+    (``engine/parallel.py``) both take their new blocks from here, so they hold the same weights."""
+    fork = torch.random.fork_rng(devices=[]) if generator_seed is not None else contextlib.nullcontext()
+    with fork:
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        for name, group_origins in origins.items():
+            for o in group_origins:
+                if o.kind in ("random", "zero"):
+                    block = model.new_block(name, o.position, targets[name])
+                    if o.kind == "zero":
+                        zero_(block)
+                    yield name, o.position, block
 
 
 def _check_block_kinds(model: ExpandableModel, group: str, origins: list[Origin]) -> None:

@@ -25,8 +25,14 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from . import owners
 from .errors import ConfigError, require
 from .layouts import MatrixLayout, layout_from_shape, matrix_layouts
+
+try:  # torch builds without distributed support have no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # isinstance(x, ()) is False
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: fast, lands sigma in ~[0.7, 1.2]
 FAMILIES = ("muon_nsgd", "adamw")
@@ -70,6 +76,29 @@ def newton_schulz(
     return X.reshape(G.shape).to(G.dtype)
 
 
+def split_newton_schulz(
+    X: torch.Tensor, group, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """``newton_schulz`` of a matrix whose columns are split over the ranks of ``group``: ``X`` is this
+    rank's (rows, cols_r) block, rows <= total columns. The Gram matrix X X^T and the norm are sums over
+    the blocks (one small all-reduce each), the rest is local: every rank does 1/N of the work. Returns this
+    rank's block of the result."""
+    import torch.distributed as dist
+
+    a, b, c = NS_COEFFICIENTS
+    out_dtype = X.dtype
+    X = X.to(dtype)
+    norm_sq = X.float().pow(2).sum()
+    dist.all_reduce(norm_sq, group=group)
+    X = X / norm_sq.sqrt().clamp(min=eps).to(dtype)
+    for _ in range(steps):
+        A = X @ X.mT
+        dist.all_reduce(A, group=group)
+        B = torch.addmm(A, A, A, beta=b, alpha=c)
+        X = torch.addmm(X, B, X, beta=a)
+    return X.to(out_dtype)
+
+
 class MuonNSGD(torch.optim.Optimizer):
     """Muon for >= 2-D tensors, NSGD for the rest, one learning rate (paper's Muon-NSGD).
 
@@ -84,6 +113,14 @@ class MuonNSGD(torch.optim.Optimizer):
     ``layouts`` maps parameters to their ``MatrixLayout`` (``build_optimizer`` takes it from the model);
     a parameter not in it is read by its shape (``layouts.layout_from_shape``).
     ``nesterov`` / ``nsgd_nesterov``: the momentum form of the Muon / NSGD groups.
+
+    Data parallel (``core/owners.py``): with FSDP2's sharded (DTensor) parameters, or with replicated
+    (DDP) parameters once ``share_work(group)`` is called, each matrix is orthogonalised once in the group,
+    by an owner rank chosen to balance the work, and NSGD's norms are taken over the whole tensor. The
+    update equals the one-process optimizer's; momenta stay where the parameters are (sharded or not).
+    ``ns_split``: a matrix heavier than a rank's share is split over all ranks instead (equal to one process
+    up to float summation order); False keeps every matrix whole on one owner (bitwise the one-process
+    update, at any world size).
     """
 
     def __init__(
@@ -99,6 +136,7 @@ class MuonNSGD(torch.optim.Optimizer):
         muon_scale: str = "jordan",
         nsgd_nesterov: bool = False,
         layouts: Mapping[torch.Tensor, MatrixLayout] | None = None,
+        ns_split: bool = True,
     ):
         require(lr >= 0, f"optimizer.lr must be >= 0, got {lr}")
         require(0 <= momentum < 1, f"optimizer.momentum must be in [0, 1), got {momentum}")
@@ -141,12 +179,26 @@ class MuonNSGD(torch.optim.Optimizer):
 
         # what this optimizer was built with: a checkpoint's param groups must not override them on load
         self._forms = {g["kind"]: {k: g[k] for k in ("nesterov", "muon_scale")} for g in self.param_groups}
+        self.replica_group = None  # DDP: the group whose ranks share the Newton–Schulz work
+        self.ns_split = ns_split
+
+    def share_work(self, group=None) -> None:
+        """Parameters replicated over ``group`` (DDP; None: the default group): from now on each matrix's
+        Newton–Schulz runs once, on its owner rank, and the results are shared."""
+        import torch.distributed as dist
+
+        self.replica_group = group if group is not None else dist.group.WORLD
 
     def __setstate__(self, state: dict) -> None:  # copy / pickle keep only torch's fields
         super().__setstate__(state)
         self.__dict__.setdefault("layouts", {})
         self.__dict__.setdefault("ns_dtype", None)
         self.__dict__.setdefault("_forms", {})
+        self.__dict__.setdefault("replica_group", None)
+        self.__dict__.setdefault("ns_split", True)
+
+    def __getstate__(self) -> dict:  # a process group does not pickle; a copy runs on its own
+        return {**super().__getstate__(), "replica_group": None}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Momenta from the checkpoint, the momentum form and Muon scale from the config: a run resumed
@@ -161,12 +213,33 @@ class MuonNSGD(torch.optim.Optimizer):
         return torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU: exact and reproducible
 
     def _momentum_direction(self, p: torch.Tensor, group: Mapping) -> torch.Tensor:
+        """This rank's part of the momentum direction of ``p`` (all of it unless ``p`` is sharded)."""
         state = self.state[p]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf = state["momentum_buffer"]
-        buf.lerp_(p.grad, 1 - group["momentum"])
-        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf.clone()
+            state["momentum_buffer"] = torch.zeros_like(p)  # a DTensor for a DTensor parameter
+        buf, grad = _local(state["momentum_buffer"]), _local(p.grad)
+        buf.lerp_(grad, 1 - group["momentum"])
+        return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf.clone()
+
+    def _sharding(self, params: list[torch.Tensor]):
+        """(process group, sharded?) the update of ``params`` spans: FSDP2's mesh, the DDP group of
+        ``share_work``, or (None, False) for one process."""
+        sharded = [isinstance(p, DTensor) for p in params]
+        if any(sharded):
+            require(all(sharded), "MuonNSGD: a parameter group mixes sharded (DTensor) and plain tensors")
+            meshes = {p.device_mesh for p in params}
+            require(
+                len(meshes) == 1 and params[0].device_mesh.ndim == 1,
+                "MuonNSGD: sharded parameters must share one 1-D device mesh (FSDP2's data-parallel mesh)",
+            )
+            return params[0].device_mesh.get_group(), True
+        group = self.replica_group
+        if group is not None:
+            import torch.distributed as dist
+
+            if dist.get_world_size(group) > 1:
+                return group, False
+        return None, False
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -175,27 +248,121 @@ class MuonNSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
-            if group["kind"] == "nsgd":
-                for p in params:
-                    d = self._momentum_direction(p, group)
-                    p.mul_(1 - lr * wd)
-                    p.add_(d / (d.norm() + group["eps"]), alpha=-lr)
+            if not params:
                 continue
-            convention = group.get("muon_scale", "jordan")  # checkpoints from before the option: jordan
-            by_shape: dict[tuple, list[tuple[torch.Tensor, MatrixLayout, torch.Tensor]]] = defaultdict(list)
-            for p in params:
-                layout = self.layouts.get(p) or layout_from_shape(p)
-                m = layout.matrices(self._momentum_direction(p, group))
-                by_shape[(tuple(m.shape), m.device, m.dtype)].append((p, layout, m))
-            for (_, device, _), items in by_shape.items():
-                stacked = torch.stack([m for _, _, m in items])
-                ortho = newton_schulz(stacked, group["ns_steps"], group["eps"], self._ns_dtype(device))
-                for (p, layout, _), u in zip(items, ortho.unbind(0)):
-                    p.mul_(1 - lr * wd)
-                    p.add_(layout.stored(u, p), alpha=-lr * muon_scale_factor(layout, convention))
+            pg, sharded = self._sharding(params)
+            directions = [self._momentum_direction(p, group) for p in params]
+            if group["kind"] == "nsgd":
+                self._nsgd_update(params, directions, group, pg if sharded else None)
+            else:
+                self._muon_update(params, directions, group, pg, sharded)
         return loss
+
+    def _nsgd_update(self, params, directions, group, shard_group) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        if shard_group is None:
+            norms = [d.norm() for d in directions]
+        else:  # the norm of the whole tensor: local sums of squares, summed over the shards
+            import torch.distributed as dist
+
+            squares = torch.stack([d.pow(2).sum() for d in directions])
+            dist.all_reduce(squares, group=shard_group)
+            norms = list(squares.sqrt())
+        for p, d, norm in zip(params, directions, norms):
+            local = _local(p)
+            local.mul_(1 - lr * wd)
+            local.add_(d / (norm + eps), alpha=-lr)
+
+    def _muon_update(self, params, directions, group, pg, sharded: bool) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        convention = group.get("muon_scale", "jordan")  # checkpoints from before the option: jordan
+        layouts = [self.layouts.get(p) or layout_from_shape(p) for p in params]
+        if pg is None:
+            updates = self._orthogonalise(dict(enumerate(directions)), layouts, group)
+            updates = [updates[i] for i in range(len(params))]
+        else:
+            updates = self._shared_orthogonalise(params, directions, layouts, group, pg, sharded)
+        for p, layout, u in zip(params, layouts, updates):
+            local = _local(p)
+            local.mul_(1 - lr * wd)
+            local.add_(u, alpha=-lr * muon_scale_factor(layout, convention))
+
+    def _shared_orthogonalise(self, params, directions, layouts, group, pg, sharded: bool) -> list:
+        """Newton–Schulz of every direction once in the group ``pg``. A matrix heavier than a rank's even
+        share whose stored rows are its long side (a GPT's tied vocabulary matrix) is split by those rows
+        over all ranks (``split_newton_schulz``); every other one goes whole to an owner rank, balanced by
+        cost. Returns this rank's part of each result (a shard under FSDP, the whole tensor under DDP)."""
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+        costs = [lay.batch * lay.fan_out * lay.fan_in * min(lay.fan_out, lay.fan_in) for lay in layouts]
+        split = [
+            self.ns_split and costs[i] * world > sum(costs) and _rows_are_long_side(p, layouts[i])
+            for i, p in enumerate(params)
+        ]
+        shapes = [p.shape for p in params]  # global shapes (a DTensor's size is the whole tensor's)
+        whole_ids = [i for i in range(len(params)) if not split[i]]
+        owner = owners.assign_owners([costs[i] for i in whole_ids], world)
+        sub_shapes = [shapes[i] for i in whole_ids]
+        if not whole_ids:
+            gathered = {}
+        elif sharded:
+            gathered = owners.gather_to_owners([directions[i] for i in whole_ids], sub_shapes, owner, pg)
+        else:
+            gathered = {k: directions[i] for k, i in enumerate(whole_ids) if owner[k] == rank}
+        sub_layouts = [layouts[i] for i in whole_ids]
+        results = self._orthogonalise(gathered, sub_layouts, group)
+        updates: list = [None] * len(params)
+        if sharded and whole_ids:
+            local = owners.scatter_from_owners(results, sub_shapes, owner, pg, like=directions[0])
+            for k, i in enumerate(whole_ids):
+                updates[i] = local[k]
+        dtype = self._ns_dtype(directions[0].device)
+        partial = {}  # DDP: results (whole, or this rank's rows of a split matrix) to share in one all-reduce
+        for i in (i for i in range(len(params)) if split[i]):
+            rows = owners.dim0_rows(shapes[i][0], world)
+            mine = directions[i] if sharded else directions[i].narrow(0, sum(rows[:rank]), rows[rank])
+            block = split_newton_schulz(mine.mT, pg, group["ns_steps"], group["eps"], dtype).mT
+            if sharded:
+                updates[i] = block
+            else:
+                partial[i] = torch.zeros_like(directions[i])
+                partial[i].narrow(0, sum(rows[:rank]), rows[rank]).copy_(block)
+        if not sharded:
+            partial.update({whole_ids[k]: u for k, u in results.items()})
+            updates = owners.share_from_owners(partial, shapes, pg, like=directions[0])
+        return updates
+
+    def _orthogonalise(self, whole: dict[int, torch.Tensor], layouts, group) -> dict[int, torch.Tensor]:
+        """Newton–Schulz of the whole tensors given (stored shapes), same-shape matrices in one batch."""
+        by_shape: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for i, d in whole.items():
+            m = layouts[i].matrices(d)
+            by_shape[(tuple(m.shape), m.device, m.dtype)].append((i, m))
+        out = {}
+        for (_, device, _), items in by_shape.items():
+            stacked = torch.stack([m for _, m in items])
+            ortho = newton_schulz(stacked, group["ns_steps"], group["eps"], self._ns_dtype(device))
+            for (i, _), u in zip(items, ortho.unbind(0)):
+                out[i] = layouts[i].stored(u, whole[i])
+        return out
+
+
+def _rows_are_long_side(p: torch.Tensor, layout: MatrixLayout) -> bool:
+    """Whether ``p``'s stored rows (dim 0, what FSDP2 shards) are the columns Newton–Schulz iterates over:
+    a single matrix stored (long, short) — a linear map with fan_out > fan_in, or an embedding (vocab, d)."""
+    return (
+        p.ndim == 2
+        and layout.batch == 1
+        and layout.role in ("linear", "embedding")
+        and p.shape[0] > p.shape[1]
+    )
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: a DTensor's local shard (same storage, so in-place ops update it)."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 # ---- parameter groups ----------------------------------------------------------------------------
@@ -239,6 +406,7 @@ def build_optimizer(
     muon_scale: str = "jordan",
     nesterov: bool = True,
     nsgd_nesterov: bool = False,
+    ns_split: bool = True,
 ) -> torch.optim.Optimizer:
     """``muon_nsgd`` (paper default: lr 0.01, wd 0.1) or ``adamw`` (paper's comparison: lr 1e-3).
     AdamW decays only >= 2-D tensors (nanoGPT); Muon-NSGD decays all, as the paper writes it."""
@@ -254,6 +422,7 @@ def build_optimizer(
             nesterov=nesterov,
             nsgd_nesterov=nsgd_nesterov,
             layouts=matrix_layouts(model),
+            ns_split=ns_split,
         )
     if name == "adamw":
         groups = param_groups(model, name)

@@ -145,12 +145,14 @@ class SequenceSampler:
 
 def eval_batches(shards: TokenShards, seq_len: int, max_tokens: int, micro_batch: int,
                  rank: int = 0, world_size: int = 1):
-    """A fixed set of validation windows spread over the split; rank ``r`` takes every W-th."""
+    """A fixed set of validation windows spread over the split, in micro-batches; rank ``r`` takes every
+    W-th micro-batch, so each micro-batch is the same at every world size (an MoE's routing capacity
+    depends on what it shares a batch with)."""
     n_available = (len(shards) - 1) // seq_len
     require(n_available >= 1, f"the val split is shorter than one sequence of data.seq_len={seq_len}")
     n = max(1, min(n_available, max_tokens // seq_len))
-    starts = [(k * n_available // n) * seq_len for k in range(n)][rank::world_size]
-    for i in range(0, len(starts), micro_batch):
+    starts = [(k * n_available // n) * seq_len for k in range(n)]
+    for i in list(range(0, len(starts), micro_batch))[rank::world_size]:
         yield _to_batch([shards.window(s, seq_len + 1) for s in starts[i: i + micro_batch]])
 
 

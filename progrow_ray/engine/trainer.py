@@ -26,6 +26,8 @@ from ..core.schedule import step_lr
 from ..data.run_data import open_run_data
 from .checkpoint import CheckpointManager
 from .config import RunConfig, check_batch, to_dict
+from .parallel import checkpoint_blocks, expand_sharded, require_process_group, shard_model
+from .state import load_model_state, load_optimizer_state, model_state_dict, optimizer_state_dict
 from .step import autocast_for, train_step
 
 MetricsFn = Callable[[dict], None]
@@ -111,6 +113,7 @@ class Trainer:
         self.world = dist.get_world_size() if self.distributed else 1
         cfg.validate(world_size=self.world)
         self.device = device or resolve_device(cfg.train.device)
+        self.parallel = self._resolve_parallel()  # "none" (one process), "ddp" or "fsdp"
         self.wrap_model = wrap_model
         self.save_fn = save_checkpoint
         self.schedule = cfg.schedule_fn()
@@ -131,8 +134,8 @@ class Trainer:
                 f"model.vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's "
                 f"({self.data.vocab_size})",
             )
-        self.model = build_model(model_config).to(self.device)
-        self.optimizer = self._build_optimizer()
+        self.model = self._shard(build_model(model_config).to(self.device))
+        self.optimizer = self._build_optimizer(self.model)
         if resume is not None:
             self._restore(resume)
         self._prepare_step_model()
@@ -145,10 +148,32 @@ class Trainer:
     def _expands_later(self) -> bool:
         return self.cfg.growth.enabled and not self.progress.expanded
 
-    def _build_optimizer(self):
+    def _resolve_parallel(self) -> str:
+        mode = self.cfg.train.parallel
+        if mode == "fsdp":
+            require_process_group()
+            return "fsdp"
+        if not self.distributed:
+            return "none"
+        if mode == "auto":
+            from .memory import choose_parallel, device_memory_bytes
+
+            return choose_parallel(self.cfg, self.world, device_memory_bytes(self.device))
+        return "ddp"
+
+    def _shard(self, model):
+        """FSDP2 (``parallel.py``) under fsdp, with activation checkpointing first when asked."""
+        if self.parallel != "fsdp":
+            return model
+        if self.cfg.train.activation_checkpointing:
+            checkpoint_blocks(model)
+        mixed = self.device.type == "cuda" and self.cfg.train.dtype != "float32"
+        return shard_model(model, mixed_precision=mixed)
+
+    def _build_optimizer(self, model):
         o = self.cfg.optimizer
-        return build_optimizer(
-            self.model,
+        optimizer = build_optimizer(
+            model,
             o.name,
             lr=o.lr,
             weight_decay=o.weight_decay,
@@ -158,12 +183,21 @@ class Trainer:
             muon_scale=o.muon_scale,
             nesterov=o.nesterov,
             nsgd_nesterov=o.nsgd_nesterov,
+            ns_split=o.ns_split,
         )
+        if self.parallel == "ddp" and hasattr(optimizer, "share_work"):
+            optimizer.share_work()  # each matrix's Newton–Schulz once in the group, not on every rank
+        return optimizer
 
     def _prepare_step_model(self) -> None:
-        """The module the step calls: DDP / Ray-wrapped, then compiled. Redone after expansion."""
+        """The module the step calls: DDP / Ray-wrapped (FSDP shards in place), then compiled. Redone
+        after expansion."""
         m = self.model
-        if self.wrap_model is not None:
+        if self.parallel != "fsdp" and self.cfg.train.activation_checkpointing:
+            checkpoint_blocks(m)  # idempotent: after an expansion, the new blocks
+        if self.parallel == "fsdp":
+            pass
+        elif self.wrap_model is not None:
             m = self.wrap_model(m)
         elif self.distributed:
             m = torch.nn.parallel.DistributedDataParallel(
@@ -182,8 +216,8 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
-            "model.pt": self.model.state_dict(),
-            "optimizer.pt": self.optimizer.state_dict(),
+            "model.pt": model_state_dict(self.model, self.parallel == "fsdp"),
+            "optimizer.pt": optimizer_state_dict(self.model, self.optimizer, self.parallel == "fsdp"),
             "rng.pt": rng,
             "metrics.json": self.history,
             "state.json": {
@@ -192,14 +226,15 @@ class Trainer:
                 "model": model_state(self.model),
                 "config": to_dict(self.cfg),
                 "world_size": self.world,
+                "parallel": self.parallel,  # what wrote it; any mode and world size can resume it
             },
         }
 
     def _restore(self, files: dict) -> None:
         state = files["state.json"]
         self.progress = Progress(**state["progress"])
-        self.model.load_state_dict(files["model.pt"])
-        self.optimizer.load_state_dict(files["optimizer.pt"])
+        load_model_state(self.model, files["model.pt"], self.parallel == "fsdp")
+        load_optimizer_state(self.model, self.optimizer, files["optimizer.pt"], self.parallel == "fsdp")
         self.data.load_state_dict(state["sampler"])
         self.history = list(files.get("metrics.json", []))
         torch.set_rng_state(files["rng.pt"]["cpu"])
@@ -235,14 +270,28 @@ class Trainer:
         if not self._expands_later() or done >= len(points) or self.progress.tokens < points[done][0]:
             return
         target_depth = points[done][1]
-        record = expand_depth(
-            self.model,
-            target_depth,
-            cfg.growth.method,
-            optimizer=self.optimizer,
-            copy_optimizer_state=cfg.growth.copy_optimizer_state,
-            generator_seed=cfg.train.seed * 1_000_003 + 17 + done,
-        )
+        seed = cfg.train.seed * 1_000_003 + 17 + done
+        if self.parallel == "fsdp":
+            self.model, self.optimizer, record = expand_sharded(
+                self.model,
+                self.optimizer,
+                target_depth,
+                cfg.growth.method,
+                device=self.device,
+                shard=self._shard,
+                build_optimizer=self._build_optimizer,
+                copy_optimizer_state=cfg.growth.copy_optimizer_state,
+                generator_seed=seed,
+            )
+        else:
+            record = expand_depth(
+                self.model,
+                target_depth,
+                cfg.growth.method,
+                optimizer=self.optimizer,
+                copy_optimizer_state=cfg.growth.copy_optimizer_state,
+                generator_seed=seed,
+            )
         self.progress.expanded = done + 1 == len(points)
         self.progress.expanded_at_tokens = self.progress.tokens
         self.progress.growth.append(
@@ -318,14 +367,25 @@ class Trainer:
         self.model.eval()
         classifier = self.model.config.unit == "image"
         total = torch.zeros(3, device=self.device, dtype=torch.float64)  # loss x targets, targets, correct
-        for x, y in self.data.eval_batches(
-            self.cfg.train.eval_tokens, self.cfg.train.micro_batch, self.rank, self.world
-        ):
+        batches = list(
+            self.data.eval_batches(
+                self.cfg.train.eval_tokens, self.cfg.train.micro_batch, self.rank, self.world
+            )
+        )
+        weights = [1.0] * len(batches)
+        if self.parallel == "fsdp":  # every rank runs as many forwards (each gathers weights from all)
+            most = torch.tensor([len(batches)], device=self.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            padding = int(most.item()) - len(batches)
+            if padding:
+                filler = batches[0] if batches else self._filler_batch()
+                batches, weights = batches + [filler] * padding, weights + [0.0] * padding
+        for (x, y), weight in zip(batches, weights):
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 logits, loss = self.model(x, y)
             correct = (logits.argmax(-1) == y).sum().item() if classifier else 0
-            total += torch.tensor(
+            total += weight * torch.tensor(
                 [loss.item() * y.numel(), y.numel(), correct], device=self.device, dtype=torch.float64
             )
         if self.distributed:
@@ -339,6 +399,12 @@ class Trainer:
             self.progress.val_accuracy = metrics["val_accuracy"] = (total[2] / total[1]).item()
         self._emit(metrics)
         return val
+
+    def _filler_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One example of rank 0's first validation micro-batch, for a rank that has none (its loss is
+        weighted 0)."""
+        x, y = next(iter(self.data.eval_batches(self.cfg.train.eval_tokens, 1, 0, 1)))
+        return x[:1], y[:1]
 
     def _emit(self, metrics: dict) -> None:
         p = self.progress

@@ -59,6 +59,7 @@ class RaySection:
     # worker-group start. Holds workers_small + workers_large workers' resources at once during phase 1.
     standby: bool = True
     worker_start_timeout_s: float = 120.0  # fail fast when workers cannot be placed
+    gpu_memory_gb: float = 80.0  # per GPU: the memory preflight refuses a phase whose estimate exceeds it
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,10 @@ class PipelineConfig(RunConfig):
         return self.growth.batch_tokens_after or self.train.batch_tokens
 
 
-def load_single_run(path, overrides: list[str] | None = None) -> RunConfig:
+def load_single_run(path, overrides: list[str] | None = None, with_pipeline: bool = False):
     """A preset as the single-process run it describes (``progrow_ray.train``, benchmarks, tests): every
-    section's keys and types are checked, the pipeline's are then dropped, and the run is validated."""
-    return load_config(path, overrides, cls=PipelineConfig).run_config().validate()
+    section's keys and types are checked, the pipeline's are then dropped, and the run is validated.
+    ``with_pipeline``: (run, the whole preset), for what reads the other sections (the memory preflight)."""
+    full = load_config(path, overrides, cls=PipelineConfig)
+    run = full.run_config().validate()
+    return (run, full) if with_pipeline else run

@@ -17,6 +17,7 @@ from ..integrations.tracking import comparison_url, default_tracking_uri
 from ..report import summary_table
 from .cluster import RaySession, check_capacity
 from .config import PipelineConfig
+from .preflight import check_memory
 from .stages import check_same_run, data_stage, open_run, read_state, run_root, run_stages
 
 
@@ -57,6 +58,8 @@ def run_job(
     cfg = absolutize(cfg)
     started = time.time()
     print(f"progrow_ray pipeline: {cfg.name} ({label}) -> {run_root(cfg)}", flush=True)
+    if cfg.ray.use_gpu:  # every phase must fit its GPUs: refused now, not out of memory at τ
+        check_memory(cfg)
     check_writable(cfg.out)  # cheap, so first: an unreachable store fails in seconds
     # the data is checked (and prepared once) before anything of the run is written
     data_stage(cfg, log=lambda m: print(f"data: {m}", flush=True))

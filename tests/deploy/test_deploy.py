@@ -14,6 +14,7 @@ from progrow_ray import deploy_check
 from progrow_ray.deploy_check import check_manifest, pinned_ray_version
 from progrow_ray.engine.config import load_run_config
 from progrow_ray.orchestration.config import PipelineConfig
+from progrow_ray.orchestration.preflight import check_memory
 from progrow_ray.plan import plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,6 +176,17 @@ def test_every_preset_loads_validates_and_plans(preset):
     assert p["rows"][0]["flops_fraction"] < 1 and p["rows"][1]["gpu_hours"] < p["rows"][0]["gpu_hours"]
 
 
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_passes_the_memory_preflight_at_its_gpu_counts(preset):
+    """Every phase fits ray.gpu_memory_gb (80) under the mode train.parallel=auto gives it: the 7B model's
+    phase 2 under fsdp, the rest under ddp."""
+    cfg = load_run_config(preset, [], cls=PipelineConfig)
+    rows = check_memory(cfg)
+    assert rows and all(r.chosen.total <= cfg.ray.gpu_memory_gb * 1e9 for r in rows)
+    expected = {"phase 2": "fsdp"} if preset.stem == "gpt2-7b-60l" else {}
+    assert {r.phase: r.mode for r in rows if r.mode == "fsdp"} == expected
+
+
 def test_paper_presets_match_appendix_b():
     heads = {"gpt2-124m": (12, 12), "gpt2-24l": (24, 16), "gpt2-36l": (36, 20), "gpt2-7b-60l": (60, 48)}
     for name, (layers, n_head) in heads.items():
@@ -204,6 +216,8 @@ def test_plan_cli_prints_the_cost_table():
         and "GPU-hours" in p.stdout
         and "expand at tau" in p.stdout
     )
+    assert re.search(r"^phase 2 +60 +64 fsdp .* <- runs$", p.stdout, re.M), p.stdout
+    assert re.search(r"^phase 2 +60 +64 ddp .*\(over the limit\)$", p.stdout, re.M)
     bad = subprocess.run(
         [sys.executable, "-m", "progrow_ray.plan", "jobs/gpt2-7b-60l.yaml", "--gpu", "tpu"],
         capture_output=True,

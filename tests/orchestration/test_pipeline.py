@@ -169,6 +169,8 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(
                 "tune.safety=2.0",
                 "--set",
                 "tune.on_no_saving=expand",
+                "--set",
+                "train.parallel=fsdp",  # FSDP2 in Ray Train workers, restarted from a checkpoint
             ),
             env=env,
         )
@@ -180,6 +182,8 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(
         p2 = report["phases"][1]
         assert p2["checkpoint_uri"].startswith("s3://runs/exp/tiny/ray/tiny-phase2/")
         assert fs.exists(p2["checkpoint_uri"][len("s3://") :] + "/manifest.json")
+        written = json.loads(fs.cat(p2["checkpoint_uri"][len("s3://") :] + "/state.json"))
+        assert (written["parallel"], written["world_size"]) == ("fsdp", 2)
         assert fs.exists("runs/exp/tiny/loss_vs_flops.png")
         state = json.loads(fs.cat("runs/exp/tiny/pipeline_state.json"))
         steps = [e["step"] for e in state["phases"]["phase2"]["history"] if e["event"] == "train"]

@@ -103,6 +103,19 @@ CASES = [
         ["needs 9 CPUs but the cluster has 4", "set ray.standby=false"],
     ),
     ("NaN loss", TRAIN, ["optimizer.lr=1e30"], ["non-finite training loss", "Lower optimizer.lr"]),
+    ("unknown parallel mode", TRAIN, ["train.parallel=tp"], ["train.parallel must be auto, ddp or fsdp"]),
+    (
+        "phase beyond GPU memory, fsdp fits",
+        PIPE,
+        ["ray.use_gpu=true", "train.parallel=ddp", "ray.gpu_memory_gb=0.185"],
+        ["memory preflight: phase 2", "ddp) needs 0.2 GB per GPU", "over ray.gpu_memory_gb=0.185", "fsdp"],
+    ),
+    (
+        "phase beyond GPU memory, nothing fits",
+        PIPE,
+        ["ray.use_gpu=true", "ray.gpu_memory_gb=0.1"],
+        ["memory preflight: phase 1", "over ray.gpu_memory_gb=0.1", "lower train.micro_batch"],
+    ),
 ]
 
 

@@ -41,6 +41,9 @@ def check_train(cfg: RunConfig, world_size: int) -> None:
         t.dtype in ("auto", "float32", "bfloat16"),
         f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}",
     )
+    require(
+        t.parallel in ("auto", "ddp", "fsdp"), f"train.parallel must be auto, ddp or fsdp, got {t.parallel!r}"
+    )
     require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     require(
         t.checkpoint_every_tokens is None or t.checkpoint_every_tokens > 0,

@@ -68,6 +68,10 @@ class TrainSection:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False
     seed: int = 0
+    # data parallelism over the ranks: ddp (replicated) | fsdp (FSDP2, sharded) | auto (fsdp when the DDP
+    # memory estimate does not fit the GPU, core/memory.py); one process trains unwrapped under ddp / auto
+    parallel: str = "auto"
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,10 @@ class OptimizerSection:
     muon_scale: str = "jordan"  # Muon update factor: jordan sqrt(max(1, fan_out/fan_in)) | none | spectral
     nesterov: bool = True  # Muon's momentum: Nesterov (Jordan et al.)
     nsgd_nesterov: bool = False  # NSGD's momentum: plain m_t, as the paper's App. B writes it
+    # data parallel: split a matrix heavier than a rank's share (a GPT's vocabulary matrix) over all ranks'
+    # Newton–Schulz (faster; equal to one process up to float summation order); false: every matrix whole on
+    # one owner rank, the one-process update bit for bit at any world size
+    ns_split: bool = True
 
 
 @dataclass(frozen=True)
