@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg, full = load_single_run(args.config, overrides, with_pipeline=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if cuda:  # the run must fit the GPU: refused now, not out of memory at τ
-        check_memory(full, world=world)
+    if cuda:  # the run must fit the GPU: refused now, not out of memory at τ; auto decided here
+        mode = check_memory(full, world=world)[0].mode
+        cfg = replace(cfg, train=replace(cfg.train, parallel=mode))
     started_group = start_process_group(cfg, world, cuda)
     try:
         return train(cfg, args)

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +32,16 @@ def run_ranks(module: str, world: int, *args: str, timeout: float = 600) -> None
             "OMP_NUM_THREADS": "1",
         }
         procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env))
-    try:
-        codes = [p.wait(timeout=timeout) for p in procs]
+    deadline = time.monotonic() + timeout
+    try:  # a rank that fails leaves its peers waiting in a collective: stop them all at the first failure
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert codes == [0] * world, f"{module} ranks exited with {codes}"
+                p.wait()
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * world, f"{module} ranks exited with {codes} (negative: killed)"

@@ -69,10 +69,9 @@ def _rank(rank: int, world: int, port: int, shape: dict, parallel: str, steps: i
             cpu.append(time.process_time() - c0)
     result = torch.tensor([statistics.median(wall), statistics.median(cpu)], dtype=torch.float64)
     if world > 1:
-        dist.all_reduce(result.to(device), op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
         gathered = [torch.zeros(2, dtype=torch.float64, device=device) for _ in range(world)]
         dist.all_gather(gathered, result.to(device))
-        result = torch.stack(gathered).max(0).values.cpu()
+        result = torch.stack(gathered).max(0).values.cpu()  # the slowest rank sets the pace
         dist.destroy_process_group()
     if rank == 0:
         torch.save(result, out)

@@ -29,7 +29,7 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, require
 from .models.base import ExpandableModel, unwrap_model
 from .optim import sync_param_groups
 
@@ -152,28 +152,11 @@ def expand_depth(
     copied_from: dict[torch.Tensor, torch.Tensor] = {}
     for name, blocks in model.depth_groups().items():
         record.origins[name] = layout(method, len(blocks), targets[name])
-    fresh = {
-        (name, position): block
-        for name, position, block in fresh_blocks(model, record.origins, targets, method, generator_seed)
-    }
-    for name, blocks in model.depth_groups().items():
-        old = list(blocks)
-        new_list = []
-        for o in record.origins[name]:
-            if o.kind == "kept":
-                block = old[o.source]
-            elif o.kind == "copied":
-                block = copy.deepcopy(old[o.source])
-                if method == "copying_zero":
-                    zero_norms_(block)
-                for p_new, p_src in zip(block.parameters(), old[o.source].parameters()):
-                    copied_from[p_new] = p_src
-            else:
-                block = fresh[(name, o.position)].to(device=ref.device, dtype=ref.dtype)
-            new_list.append(block)
-        # Replace the contents, not the ModuleList, so references to it stay valid.
-        del blocks[:]
-        blocks.extend(new_list)
+    # new blocks one at a time (a 0 -> 60-layer 7B expansion would otherwise hold them all on the CPU)
+    fresh = contextlib.closing(fresh_blocks(model, record.origins, targets, method, generator_seed))
+    with fresh as new_blocks:
+        for name, blocks in model.depth_groups().items():
+            _rebuild_group(name, blocks, record.origins[name], method, new_blocks, copied_from, ref)
     model.set_group_depths(model.group_depths())
     record.new_parameters = sum(
         p.numel()
@@ -185,6 +168,29 @@ def expand_depth(
     if optimizer is not None:
         sync_param_groups(optimizer, model, copied_from if copy_optimizer_state else None)
     return record
+
+
+def _rebuild_group(name, blocks, origins, method, new_blocks, copied_from, ref) -> None:
+    """One depth group's new layer list: kept blocks (the same modules), copies, new blocks in order."""
+    old = list(blocks)
+    new_list = []
+    for o in origins:
+        if o.kind == "kept":
+            block = old[o.source]
+        elif o.kind == "copied":
+            block = copy.deepcopy(old[o.source])
+            if method == "copying_zero":
+                zero_norms_(block)
+            for p_new, p_src in zip(block.parameters(), old[o.source].parameters()):
+                copied_from[p_new] = p_src
+        else:
+            group, position, block = next(new_blocks)
+            require((group, position) == (name, o.position), "expand_depth: new blocks out of order")
+            block = block.to(device=ref.device, dtype=ref.dtype)
+        new_list.append(block)
+    # Replace the contents, not the ModuleList, so references to it stay valid.
+    del blocks[:]
+    blocks.extend(new_list)
 
 
 def fresh_blocks(

@@ -92,8 +92,9 @@ def split_newton_schulz(
     dist.all_reduce(norm_sq, group=group)
     X = X / norm_sq.sqrt().clamp(min=eps).to(dtype)
     for _ in range(steps):
-        A = X @ X.mT
+        A = (X @ X.mT).float()  # summed over the ranks in fp32, whatever the iteration's dtype
         dist.all_reduce(A, group=group)
+        A = A.to(dtype)
         B = torch.addmm(A, A, A, beta=b, alpha=c)
         X = torch.addmm(X, B, X, beta=a)
     return X.to(out_dtype)
@@ -119,8 +120,8 @@ class MuonNSGD(torch.optim.Optimizer):
     by an owner rank chosen to balance the work, and NSGD's norms are taken over the whole tensor. The
     update equals the one-process optimizer's; momenta stay where the parameters are (sharded or not).
     ``ns_split``: a matrix heavier than a rank's share is split over all ranks instead (equal to one process
-    up to float summation order); False keeps every matrix whole on one owner (bitwise the one-process
-    update, at any world size).
+    up to float summation order); False keeps every matrix whole on one owner (the one-process arithmetic
+    per matrix; on CPU the same bits at any world size).
     """
 
     def __init__(
@@ -198,7 +199,8 @@ class MuonNSGD(torch.optim.Optimizer):
         self.__dict__.setdefault("ns_split", True)
 
     def __getstate__(self) -> dict:  # a process group does not pickle; a copy runs on its own
-        return {**super().__getstate__(), "replica_group": None}
+        own = {k: self.__dict__[k] for k in ("ns_dtype", "_forms", "ns_split") if k in self.__dict__}
+        return {**super().__getstate__(), **own, "replica_group": None}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Momenta from the checkpoint, the momentum form and Muon scale from the config: a run resumed
@@ -298,7 +300,7 @@ class MuonNSGD(torch.optim.Optimizer):
         rank, world = dist.get_rank(pg), dist.get_world_size(pg)
         costs = [lay.batch * lay.fan_out * lay.fan_in * min(lay.fan_out, lay.fan_in) for lay in layouts]
         split = [
-            self.ns_split and costs[i] * world > sum(costs) and _rows_are_long_side(p, layouts[i])
+            self.ns_split and costs[i] * world > sum(costs) and rows_are_long_side(p, layouts[i])
             for i, p in enumerate(params)
         ]
         shapes = [p.shape for p in params]  # global shapes (a DTensor's size is the whole tensor's)
@@ -349,7 +351,7 @@ class MuonNSGD(torch.optim.Optimizer):
         return out
 
 
-def _rows_are_long_side(p: torch.Tensor, layout: MatrixLayout) -> bool:
+def rows_are_long_side(p: torch.Tensor, layout: MatrixLayout) -> bool:
     """Whether ``p``'s stored rows (dim 0, what FSDP2 shards) are the columns Newton–Schulz iterates over:
     a single matrix stored (long, short) — a linear map with fan_out > fan_in, or an embedding (vocab, d)."""
     return (

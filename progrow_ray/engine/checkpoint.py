@@ -20,8 +20,10 @@ import torch
 
 from ..core.errors import ConfigError
 from ..integrations import storage
+from . import sharded_checkpoint
 
 MANIFEST = "manifest.json"
+SHARDS = "shards"  # files["shards"]: tensors to write sharded (FSDP), or the URI of a sharded checkpoint read
 FORMAT = "progrow_ray.checkpoint.v1"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -75,6 +77,8 @@ def read_checkpoint(uri: str, names: list[str] | None = None) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {uri} is incomplete: no {MANIFEST}") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {uri}: {MANIFEST} is corrupted") from e
+    if manifest.get("format") == sharded_checkpoint.FORMAT:
+        return _read_sharded(uri, manifest, names)
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {uri}: unknown format {manifest.get('format')!r}")
     out = {}
@@ -91,6 +95,24 @@ def read_checkpoint(uri: str, names: list[str] | None = None) -> dict[str, Any]:
                 f"checkpoint {uri}: {name} does not match its sha256 (corrupted or partial)"
             )
         out[name] = _decode(name, data)
+    return out
+
+
+def _read_sharded(uri: str, manifest: dict, names: list[str] | None) -> dict[str, Any]:
+    """A sharded (v2) checkpoint: every file verified (the ranks of a group split them), the small files
+    loaded, and ``files["shards"]`` = ``uri``, for ``sharded_checkpoint.load_sharded_state``."""
+    problem = sharded_checkpoint.check_complete(manifest) or sharded_checkpoint.verify_files(
+        uri, manifest["files"]
+    )
+    if problem:
+        raise CheckpointError(f"checkpoint {uri}: {problem}")
+    fs, path = storage.filesystem(uri)
+    out: dict[str, Any] = {SHARDS: uri}
+    for name in manifest["files"]:
+        if name.startswith(f"{sharded_checkpoint.SHARDS}/") or (names is not None and name not in names):
+            continue
+        with fs.open(f"{path}/{name}", "rb") as fh:
+            out[name] = _decode(name, fh.read())
     return out
 
 
@@ -112,7 +134,14 @@ class CheckpointManager:
         return f"{self.root}/step_{step:08d}"
 
     def save(self, step: int, files: dict[str, Any]) -> str:
-        uri = write_checkpoint(self.uri(step), files)
+        """Rank 0 alone for whole-tensor files; every rank for sharded ones (``files["shards"]``)."""
+        if SHARDS in files:
+            small = {k: v for k, v in files.items() if k != SHARDS}
+            uri = sharded_checkpoint.write_sharded_checkpoint(self.uri(step), small, files[SHARDS])
+            if sharded_checkpoint._rank() != 0:
+                return uri
+        else:
+            uri = write_checkpoint(self.uri(step), files)
         for old in self._steps()[self.keep :]:
             self.fs.rm(f"{self.path}/step_{old:08d}", recursive=True)
         return uri

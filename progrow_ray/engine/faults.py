@@ -72,10 +72,14 @@ def corrupt_newest_checkpoint(fit_uri: str) -> str | None:
     """A ``corrupt_latest`` fault: tear the newest committed checkpoint of a Ray fit (directories
     ``checkpoint_<time>``), so that the restart must fall back to the previous one. Returns the
     damaged directory."""
-    from ..integrations.storage import list_dirs, write_bytes
+    from ..integrations.storage import list_dirs, read_bytes, write_bytes
 
     newest = list_dirs(fit_uri, "checkpoint_")[-1:]
     if not newest:
         return None
-    write_bytes(f"{newest[0]}/model.pt", b"torn write")
+    manifest = json.loads(read_bytes(f"{newest[0]}/manifest.json") or b"{}")
+    victim = (
+        "model.pt" if "model.pt" in manifest.get("files", {}) else "shards/__0_0.distcp"
+    )  # sharded: rank 0's
+    write_bytes(f"{newest[0]}/{victim}", b"torn write")
     return newest[0]

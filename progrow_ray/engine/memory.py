@@ -30,6 +30,7 @@ import torch
 from ..core.layouts import layout_from_shape, matrix_layouts
 from ..core.models import build_model
 from ..core.models.base import LanguageModelConfig
+from ..core.optim import rows_are_long_side
 from ..core.owners import assign_owners, dim0_rows
 from .config import RunConfig
 
@@ -108,16 +109,39 @@ def _measured_image_activations(model_config, image_size: int) -> tuple[float, f
     return saved[0], saved[0] / n_blocks, 0.0
 
 
-def _newton_schulz_bytes(model, world: int, mode: str) -> int:
+def _newton_schulz_bytes(model, world: int, mode: str, ns_split: bool = True) -> int:
     """Peak bytes of the Muon step's temporaries on the busiest rank: owners share the work when
     ``world`` > 1 (fsdp: two all-to-all buffers of what it owns; ddp: one all-reduce buffer of every
-    update)."""
+    update); the stacked batch it orthogonalises and the whole tensors it holds, or its rows of a split
+    matrix, whichever is larger."""
     sharing = world > 1
     layouts = matrix_layouts(model)
     mats = [(p, layouts.get(p) or layout_from_shape(p)) for p in model.parameters() if p.ndim >= 2]
     if not mats:
         return 0
     costs = [lay.batch * lay.fan_out * lay.fan_in * min(lay.fan_out, lay.fan_in) for _, lay in mats]
+    # optimizer.ns_split (core/optim.py): a matrix heavier than a rank's share, stored (long, short), is
+    # split by rows over all ranks; each holds 1/N of it and the short x short Gram products
+    split = [
+        ns_split and sharing and c * world > sum(costs) and rows_are_long_side(p, lay)
+        for c, (p, lay) in zip(costs, mats)
+    ]
+    split_peak = max(
+        (
+            (4 + 2 + 2) * p.shape[0] * p.shape[1] // world + 8 * p.shape[1] ** 2
+            for s, (p, _) in zip(split, mats)
+            if s
+        ),
+        default=0,
+    )
+    # ddp: one all-reduce buffer of every update, plus a whole-size copy of each split matrix's rows
+    ddp_exchange = 4 * (
+        sum(p.numel() for p, _ in mats) + sum(p.numel() for s, (p, _) in zip(split, mats) if s)
+    )
+    mats = [m for s, m in zip(split, mats) if not s]
+    costs = [c for s, c in zip(split, costs) if not s]
+    if not mats:
+        return int(split_peak + (ddp_exchange if sharing and mode == "ddp" else 0))
     owner = assign_owners(costs, world) if sharing else [0] * len(mats)
     busiest = max(
         range(world if sharing else 1), key=lambda r: sum(c for c, o in zip(costs, owner) if o == r)
@@ -134,8 +158,8 @@ def _newton_schulz_bytes(model, world: int, mode: str) -> int:
     elif mode == "fsdp":
         exchange = 2 * whole
     else:
-        exchange = sum(p.numel() for p, _ in mats) * 4
-    return int(peak_batch + 2 * whole + exchange)
+        exchange = ddp_exchange
+    return int(max(peak_batch + 2 * whole, split_peak) + exchange)
 
 
 def estimate(
@@ -173,7 +197,7 @@ def estimate(
         kept = all_blocks
     activations = int((kept + outside) * units * compute_bytes)
     muon = cfg.optimizer.name == "muon_nsgd"
-    ns = _newton_schulz_bytes(model, world, mode) if muon else 0
+    ns = _newton_schulz_bytes(model, world, mode, cfg.optimizer.ns_split) if muon else 0
     return MemoryEstimate(
         mode=mode,
         world=world,
@@ -187,12 +211,16 @@ def estimate(
     )
 
 
-def choose_parallel(cfg: RunConfig, world: int, limit_bytes: int | None) -> str:
-    """``auto``: fsdp when DDP's estimate for the run's largest model does not fit ``limit_bytes``."""
+def resolve_parallel(cfg: RunConfig, model_config, world: int, limit_bytes: float | None) -> str:
+    """``train.parallel`` as a phase holding ``model_config`` on ``world`` ranks runs it: ``auto`` is fsdp
+    when DDP's estimate does not fit ``limit_bytes`` (a GPU's memory), ddp otherwise and off GPUs. The
+    preflight, the pipeline's phases and the Trainer all decide through here."""
+    mode = cfg.train.parallel
+    if mode != "auto":
+        return mode
     if limit_bytes is None:
         return "ddp"
-    ddp = estimate(cfg, cfg.target_model_config(), world, "ddp")
-    return "ddp" if ddp.total <= limit_bytes else "fsdp"
+    return "ddp" if estimate(cfg, model_config, world, "ddp").total <= limit_bytes else "fsdp"
 
 
 def device_memory_bytes(device: torch.device) -> int | None:

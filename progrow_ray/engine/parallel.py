@@ -14,6 +14,7 @@ equals the one-process expansion for every method, optimizer state included. No 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -57,6 +58,41 @@ def shard_model(model: ExpandableModel, *, mixed_precision: bool) -> ExpandableM
             fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def empty_sharded_model(
+    model_config, shard: Callable[[ExpandableModel], ExpandableModel], device: torch.device
+) -> ExpandableModel | None:
+    """A sharded model with storage but no values, for a checkpoint to fill: built on the meta device and
+    sharded before any storage exists, so no rank holds the whole model. Buffers a checkpoint does not carry
+    (non-persistent: RoPE tables) come from a 0-layer build. None for a model with such buffers inside its
+    blocks (build it whole instead)."""
+    with torch.device("meta"):
+        model = build_model(model_config)
+    loose = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        for name in module._non_persistent_buffers_set
+    }
+    small = dict(build_model(model_config.with_depth(0)).named_buffers()) if loose else {}
+    if not loose <= set(small):
+        return None
+    shard(model)
+    model.to_empty(device=device)
+    for name, b in model.named_buffers():
+        if name in small:
+            b.copy_(small[name])
+    return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every gathered weight: FSDP2 keeps the root's gathered after a forward (for the backward that
+    training brings), so after an evaluation the model's parameters would not be its shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _my_rows(full: torch.Tensor) -> torch.Tensor:
@@ -113,31 +149,35 @@ def expand_sharded(
     shard(new_model)
     new_model.to_empty(device=device)
 
-    # the root (embeddings, final norm, head): same names and shapes in both models
-    in_group = tuple(f"{name}." for name in groups)
+    # the root (embeddings, final norm, head, a ResNet's stem and stage-opening blocks): everything outside
+    # the depth groups, with the same names and shapes in both models
+    in_blocks = {
+        id(t) for g in new_model.depth_groups().values() for b in g for t in (*b.parameters(), *b.buffers())
+    }
     kept: dict[torch.Tensor, torch.Tensor] = {}
     root_params = dict(model.named_parameters())
     root_buffers = dict(model.named_buffers())
     for name, p in new_model.named_parameters():
-        if not name.startswith(in_group):
+        if id(p) not in in_blocks:
             p.to_local().copy_(root_params[name].to_local())
             kept[p] = root_params[name]
     for name, b in new_model.named_buffers():
-        if not name.startswith(in_group):
+        if id(b) not in in_blocks:
             b.copy_(root_buffers[name])
 
     copied: dict[torch.Tensor, torch.Tensor] = {}
-    fresh = fresh_blocks(model, record.origins, targets, method, generator_seed)  # one block at a time
-    for name, origins in record.origins.items():
-        for o, block in zip(origins, new_model.depth_groups()[name]):
-            if o.source is None:
-                _, position, whole = next(fresh)
-                require(position == o.position, "expand_sharded: new blocks out of order")
-                _copy_into(block, whole, {})
-                continue
-            _copy_into(block, groups[name][o.source], kept if o.kind == "kept" else copied)
-            if o.kind == "copied" and method == "copying_zero":
-                zero_norms_(block)
+    # new blocks one at a time, from the RNG stream expand_depth uses; closing() restores the global RNG
+    with contextlib.closing(fresh_blocks(model, record.origins, targets, method, generator_seed)) as fresh:
+        for name, origins in record.origins.items():
+            for o, block in zip(origins, new_model.depth_groups()[name]):
+                if o.source is None:
+                    _, position, whole = next(fresh)
+                    require(position == o.position, "expand_sharded: new blocks out of order")
+                    _copy_into(block, whole, {})
+                    continue
+                _copy_into(block, groups[name][o.source], kept if o.kind == "kept" else copied)
+                if o.kind == "copied" and method == "copying_zero":
+                    zero_norms_(block)
 
     new_optimizer = build_optimizer(new_model)
     for new, old in kept.items():

@@ -1,37 +1,13 @@
-"""Model and optimizer state for checkpoints, the same whatever the parallelism that wrote or reads it.
-
-A checkpoint holds whole tensors (``model.pt``: the model's ``state_dict``; ``optimizer.pt``: the optimizer's,
-its parameters named by their model FQN under FSDP, by position otherwise). Under FSDP2 the whole tensors are
-gathered to rank 0's CPU to write (``torch.distributed.checkpoint.state_dict``, ``full_state_dict``) and each
-rank takes its own shard on load, so a checkpoint written by N ranks, sharded or not, resumes on M.
+"""Loading a whole-tensor checkpoint (``model.pt``, ``optimizer.pt``: what one process or DDP writes) into a
+model of any parallelism: under FSDP2 each rank takes its own shard of every tensor
+(``torch.distributed.checkpoint.state_dict``, ``full_state_dict``). Sharded checkpoints:
+``sharded_checkpoint.py``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def _options(full: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=full, cpu_offload=full)
-
-
-def model_state_dict(model: nn.Module, sharded: bool) -> dict:
-    if not sharded:
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(model, options=_options(True))  # rank 0 gets it all, others {}
-
-
-def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
-    if not sharded:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=_options(True))
 
 
 def load_model_state(model: nn.Module, state: dict, sharded: bool) -> None:

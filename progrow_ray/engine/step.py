@@ -40,15 +40,14 @@ def train_step(
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     else:
         x, y = x.to(device), y.to(device)
-    no_sync = getattr(model, "no_sync", None)  # DDP: reduce gradients on the last micro-batch only
-    fsdp_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP2: the same
+    # DDP: reduce gradients on the last micro-batch only. FSDP2 reduce-scatters every micro-batch, so each
+    # rank only ever holds its shard of the gradients (skipping the sync would keep them all whole)
+    no_sync = getattr(model, "no_sync", None)
     total = torch.zeros((), device=device)
     auxiliary = getattr(unwrap_model(model), "auxiliary_loss", None)
     for i in range(accum):
         last = i == accum - 1
         ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
-        if fsdp_sync is not None and accum > 1:
-            fsdp_sync(last)
         with ctx:
             with autocast():
                 _, loss = model(x[i * micro : (i + 1) * micro], y[i * micro : (i + 1) * micro])

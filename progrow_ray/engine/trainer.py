@@ -26,8 +26,16 @@ from ..core.schedule import step_lr
 from ..data.run_data import open_run_data
 from .checkpoint import CheckpointManager
 from .config import RunConfig, check_batch, to_dict
-from .parallel import checkpoint_blocks, expand_sharded, require_process_group, shard_model
-from .state import load_model_state, load_optimizer_state, model_state_dict, optimizer_state_dict
+from .parallel import (
+    checkpoint_blocks,
+    empty_sharded_model,
+    expand_sharded,
+    require_process_group,
+    reshard,
+    shard_model,
+)
+from .sharded_checkpoint import load_sharded_state, shard_reader, sharded_state
+from .state import load_model_state, load_optimizer_state
 from .step import autocast_for, train_step
 
 MetricsFn = Callable[[dict], None]
@@ -134,7 +142,7 @@ class Trainer:
                 f"model.vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's "
                 f"({self.data.vocab_size})",
             )
-        self.model = self._shard(build_model(model_config).to(self.device))
+        self.model = self._new_model(model_config, resuming=resume is not None)
         self.optimizer = self._build_optimizer(self.model)
         if resume is not None:
             self._restore(resume)
@@ -155,11 +163,26 @@ class Trainer:
             return "fsdp"
         if not self.distributed:
             return "none"
-        if mode == "auto":
-            from .memory import choose_parallel, device_memory_bytes
+        if mode == "auto":  # the pipeline and train decide before; a library caller gets the same rule here
+            from .memory import device_memory_bytes, resolve_parallel
 
-            return choose_parallel(self.cfg, self.world, device_memory_bytes(self.device))
+            choice = [
+                resolve_parallel(
+                    self.cfg, self.cfg.target_model_config(), self.world, device_memory_bytes(self.device)
+                )
+            ]
+            dist.broadcast_object_list(choice, src=0)  # one mode for all ranks, whatever their GPUs
+            return choice[0]
         return "ddp"
+
+    def _new_model(self, model_config, resuming: bool):
+        """The model on this rank's device, sharded under fsdp. A resumed sharded model is built on the meta
+        device and filled by the checkpoint: no rank materialises the whole model."""
+        if self.parallel == "fsdp" and resuming:
+            model = empty_sharded_model(model_config, self._shard, self.device)
+            if model is not None:
+                return model
+        return self._shard(build_model(model_config).to(self.device))
 
     def _shard(self, model):
         """FSDP2 (``parallel.py``) under fsdp, with activation checkpointing first when asked."""
@@ -215,9 +238,16 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.parallel == "fsdp":  # every rank writes its own shards (sharded_checkpoint.py)
+            tensors, optimizer_rest = sharded_state(self.model, self.optimizer)
+            weights = {"shards": tensors, "optimizer.json": optimizer_rest}
+        else:
+            weights = {
+                "model.pt": self.model.state_dict(),
+                "optimizer.pt": self.optimizer.state_dict(),
+            }
         return {
-            "model.pt": model_state_dict(self.model, self.parallel == "fsdp"),
-            "optimizer.pt": optimizer_state_dict(self.model, self.optimizer, self.parallel == "fsdp"),
+            **weights,
             "rng.pt": rng,
             "metrics.json": self.history,
             "state.json": {
@@ -233,8 +263,13 @@ class Trainer:
     def _restore(self, files: dict) -> None:
         state = files["state.json"]
         self.progress = Progress(**state["progress"])
-        load_model_state(self.model, files["model.pt"], self.parallel == "fsdp")
-        load_optimizer_state(self.model, self.optimizer, files["optimizer.pt"], self.parallel == "fsdp")
+        if "shards" in files:  # sharded (FSDP) checkpoint: DCP reshards it to this world and mode
+            load_sharded_state(
+                self.model, self.optimizer, shard_reader(files["shards"]), files["optimizer.json"]
+            )
+        else:
+            load_model_state(self.model, files["model.pt"], self.parallel == "fsdp")
+            load_optimizer_state(self.model, self.optimizer, files["optimizer.pt"], self.parallel == "fsdp")
         self.data.load_state_dict(state["sampler"])
         self.history = list(files.get("metrics.json", []))
         torch.set_rng_state(files["rng.pt"]["cpu"])
@@ -247,7 +282,7 @@ class Trainer:
         files = self.checkpoint_files()
         if self.save_fn is not None:
             return self.save_fn(self, files)
-        if self.rank != 0:
+        if self.rank != 0 and "shards" not in files:
             return None
         return default_manager(self.cfg, self.log).save(self.progress.step, files)
 
@@ -390,6 +425,8 @@ class Trainer:
             )
         if self.distributed:
             dist.all_reduce(total)
+        if self.parallel == "fsdp":
+            reshard(self.model)  # a forward without backward leaves the root's weights gathered
         self.model.train()
         val = (total[0] / total[1]).item()
         require(math.isfinite(val), f"non-finite validation loss at {self.progress.tokens:,} tokens")

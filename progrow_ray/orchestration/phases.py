@@ -85,6 +85,7 @@ def train_loop(config: dict) -> LoopReturn | None:
     import torch
 
     from ..engine.checkpoint import write_checkpoint
+    from ..engine.sharded_checkpoint import write_into
     from ..engine.trainer import Trainer
     from .progress import post
 
@@ -114,7 +115,13 @@ def train_loop(config: dict) -> LoopReturn | None:
             "val_loss": p.val_loss,
             "expanded": p.expanded,
         }
-        if rank == 0:
+        if "shards" in ckpt_files:  # FSDP: every rank reports its own shards; Ray merges the directories
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "checkpoint")
+                small = {k: v for k, v in ckpt_files.items() if k != "shards"}
+                write_into(path, small, ckpt_files["shards"])
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path))
+        elif rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "checkpoint")
                 write_checkpoint(path, ckpt_files)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import ConfigError
-from ..engine.memory import GB, MemoryEstimate, estimate
+from ..engine.memory import GB, MemoryEstimate, estimate, resolve_parallel
 from .config import PipelineConfig
 
 
@@ -55,9 +55,7 @@ def memory_plan(cfg: PipelineConfig, world: int | None = None) -> list[PhaseMemo
         ddp = estimate(cfg, model_config, workers, "ddp")
         fsdp = estimate(cfg, model_config, workers, "fsdp")
         ac = estimate(cfg, model_config, workers, "fsdp", activation_checkpointing=True)
-        mode = cfg.train.parallel
-        if mode == "auto":
-            mode = "ddp" if ddp.total <= limit else "fsdp"
+        mode = resolve_parallel(cfg, model_config, workers, limit)
         rows.append(PhaseMemory(phase, model_config.depth, workers, ddp, fsdp, ac, mode))
     return rows
 
@@ -79,10 +77,23 @@ def check_memory(cfg: PipelineConfig, world: int | None = None) -> list[PhaseMem
             fix = "lower train.micro_batch, add workers, or use GPUs with more memory (ray.gpu_memory_gb)"
         raise ConfigError(
             f"memory preflight: {row.phase} (depth {row.depth} on {row.world} GPUs, {row.mode}) needs "
-            f"{need:.1f} GB per GPU, over ray.gpu_memory_gb={limit_gb:g}; {fix} "
+            f"{need:.2f} GB per GPU, over ray.gpu_memory_gb={limit_gb:g}; {fix} "
             f"(see python -m progrow_ray.plan)"
         )
     return rows
+
+
+def phase_parallel(cfg: PipelineConfig, run_cfg, phase: str, workers: int):
+    """``run_cfg`` with ``train.parallel`` decided for ``phase`` on ``workers`` (the preflight's choice on
+    GPUs, ddp otherwise), so every rank of the phase runs the same mode."""
+    from dataclasses import replace
+
+    names = {"phase1": "phase 1", "phase2": "phase 2", "baseline": "baseline", "fixed": "fixed-size"}
+    models = {p: m for p, m, _ in phases(cfg)}
+    model_config = models.get(names.get(phase, phase), run_cfg.target_model_config())
+    limit = cfg.ray.gpu_memory_gb * GB if cfg.ray.use_gpu else None
+    mode = resolve_parallel(run_cfg, model_config, workers, limit)
+    return replace(run_cfg, train=replace(run_cfg.train, parallel=mode))
 
 
 def format_plan(rows: list[PhaseMemory], limit_gb: float) -> list[str]:

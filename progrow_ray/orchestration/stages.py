@@ -19,6 +19,7 @@ from ..integrations.tracking import ARM_TAG, PIPELINE_TAG, Tracker
 from ..report import MlflowRefs, Report, build_report, own_events, report_files
 from .config import PipelineConfig
 from .phases import PhaseOutcome, run_phase
+from .preflight import phase_parallel
 from .records import PhaseResult, PipelineState, SearchResult, TrackedRun
 from .standby import Handoff, StandbyFit
 
@@ -349,6 +350,7 @@ def train_phase(
         run.console.info(f"{name}: done earlier, skipped")
         return done[name]
     cfg = run.cfg
+    run_cfg = phase_parallel(cfg, run_cfg, name, workers)  # every rank of the phase runs the same mode
     if announce:
         announce_phase(run, name, run_cfg, workers, note)
     phase1 = done.get("phase1") if name == "phase2" else None

@@ -165,7 +165,11 @@ def probe_runs(cfg, expand_at: int) -> dict[str, RunConfig]:
         base,
         model={**base.model, **cfg.tune.probe_model},
         train=replace(
-            base.train, checkpoint_every_tokens=None, log_every=1, eval_every_tokens=cfg.train.total_tokens
+            base.train,
+            checkpoint_every_tokens=None,
+            log_every=1,
+            eval_every_tokens=cfg.train.total_tokens,
+            parallel="auto",  # a probe is one process: unwrapped, whatever the phases use
         ),
     )
     fixed = replace(base, growth=replace(base.growth, enabled=False))

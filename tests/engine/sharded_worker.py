@@ -125,15 +125,36 @@ def expansion_runs() -> dict:
     return out
 
 
+def count_splits() -> list:
+    """Count the matrices the optimizer splits over the ranks (split_newton_schulz calls)."""
+    import progrow_ray.core.optim as optim
+
+    calls, original = [], optim.split_newton_schulz
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    optim.split_newton_schulz = counted
+    return calls
+
+
 def main(result_path: str, what: str) -> None:
     torch.set_num_threads(1)
+    splits = count_splits()
     dist.init_process_group("gloo")
     try:
         torch.manual_seed(0)
         result = {}
         if "optimizer" in what:
             for kind in ("gpt", "gpt-vocab", "moe", "resnet"):
+                before = len(splits)
                 result.update(optimizer_runs(kind))
+                # only the 4096 x 64 vocabulary matrix outweighs a rank's share: split, 20 steps x 2 modes
+                assert len(splits) - before == (40 if kind == "gpt-vocab" else 0), (
+                    kind,
+                    len(splits) - before,
+                )
         if "expansion" in what:
             result.update(expansion_runs())
         if dist.get_rank() == 0:

@@ -4,7 +4,7 @@
 import pytest
 
 from progrow_ray.engine.config import load_run_config
-from progrow_ray.engine.memory import GB, choose_parallel, estimate
+from progrow_ray.engine.memory import GB, estimate, resolve_parallel
 from progrow_ray.orchestration.config import PipelineConfig
 from tests.dist import ROOT
 
@@ -51,9 +51,20 @@ def test_owners_share_the_newton_schulz_work():
     target = cfg.target_model_config()
     alone, shared = estimate(cfg, target, 1, "fsdp"), estimate(cfg, target, 8, "fsdp")
     assert shared.newton_schulz < alone.newton_schulz
+    # the 0-layer model is its vocabulary matrix: split over 8 ranks, each holds ~1/8 of its temporaries
+    source = cfg.source_model_config()
+    whole = estimate(cfg, source, 8, "fsdp", activation_checkpointing=False)
+    unsplit = estimate(preset("gpt2-24l", "optimizer.ns_split=false"), source, 8, "fsdp")
+    assert whole.newton_schulz < unsplit.newton_schulz / 4
 
 
 def test_auto_picks_fsdp_only_where_ddp_does_not_fit():
-    assert choose_parallel(preset("gpt2-124m"), 8, 80 * GB) == "ddp"
-    assert choose_parallel(preset("gpt2-7b-60l"), 64, 80 * GB) == "fsdp"
-    assert choose_parallel(preset("gpt2-7b-60l"), 64, None) == "ddp"  # on CPU: no GPU limit to guard
+    small, big = preset("gpt2-124m"), preset("gpt2-7b-60l")
+    assert resolve_parallel(small, small.target_model_config(), 8, 80 * GB) == "ddp"
+    assert resolve_parallel(big, big.target_model_config(), 64, 80 * GB) == "fsdp"
+    assert resolve_parallel(big, big.source_model_config(), 8, 80 * GB) == "ddp"  # phase 1: the 0-layer model
+    assert (
+        resolve_parallel(big, big.target_model_config(), 64, None) == "ddp"
+    )  # on CPU: no GPU limit to guard
+    forced = preset("gpt2-124m", "train.parallel=fsdp")
+    assert resolve_parallel(forced, forced.target_model_config(), 8, 80 * GB) == "fsdp"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from progrow_ray.engine import Trainer
+from progrow_ray.engine import CheckpointError, CheckpointManager, Trainer, read_checkpoint
 from progrow_ray.engine.memory import estimate
 from tests.dist import ROOT, free_port, run_ranks
 
@@ -163,6 +163,8 @@ def test_torchrun_fsdp_run_resumes_on_other_world_sizes(text_corpus, prepared, t
         final_val_loss(tmp_path / "one" / name), rel=1e-6
     )
 
+    check_sharded_checkpoints(tmp_path / "fsdp2" / name / "checkpoints", tmp_path / "damaged")
+
     # the fsdp checkpoint at step 20 (after τ = step 16) on 1 process and on 4 fsdp ranks
     keep_checkpoints_up_to(tmp_path / "fsdp2" / name, tmp_path / "to1" / name, 20)
     one_process(config, "--out", str(tmp_path / "to1"))
@@ -185,3 +187,61 @@ def test_torchrun_fsdp_run_resumes_on_other_world_sizes(text_corpus, prepared, t
         assert min(resumed) == first and max(resumed) == 32
         for step, loss in resumed.items():
             assert loss == pytest.approx(one[step], rel=1e-5), (run, step)
+
+
+def check_sharded_checkpoints(root: Path, scratch: Path) -> None:
+    """Each rank wrote its own shard file, all listed with their sha256 in the manifest; a corrupted, missing
+    or unlisted shard is a clear error, and the newest checkpoint that verifies is used instead."""
+    newest = sorted(root.iterdir())[-1]
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert manifest["format"] == "progrow_ray.checkpoint.v2" and manifest["world_size"] == 2
+    assert {"shards/.metadata", "shards/__0_0.distcp", "shards/__1_0.distcp", "state.json"} <= set(
+        manifest["files"]
+    )
+    assert not (newest / "model.pt").exists()  # nothing gathered into one rank's memory
+    files = read_checkpoint(str(newest))
+    assert files["shards"] == str(newest) and files["state.json"]["parallel"] == "fsdp"
+
+    def damaged(how) -> Path:
+        copy = scratch / f"case{len(list(scratch.iterdir())) if scratch.exists() else 0}" / "checkpoints"
+        shutil.copytree(root, copy)
+        how(sorted(copy.iterdir())[-1])
+        return copy
+
+    torn = damaged(lambda d: (d / "shards" / "__1_0.distcp").write_bytes(b"torn write"))
+    with pytest.raises(CheckpointError, match=r"shards/__1_0.distcp does not match its sha256"):
+        read_checkpoint(str(sorted(torn.iterdir())[-1]))
+    gone = damaged(lambda d: (d / "shards" / "__0_0.distcp").unlink())
+    with pytest.raises(CheckpointError, match=r"shards/__0_0.distcp is missing"):
+        read_checkpoint(str(sorted(gone.iterdir())[-1]))
+
+    def unlist(d: Path) -> None:
+        m = json.loads((d / "manifest.json").read_text())
+        del m["files"]["shards/__1_0.distcp"]
+        (d / "manifest.json").write_text(json.dumps(m))
+
+    with pytest.raises(CheckpointError, match=r"lists shards of 1 of 2 ranks"):
+        read_checkpoint(str(sorted(damaged(unlist).iterdir())[-1]))
+    warnings = []
+    uri, _ = CheckpointManager(str(torn), log=warnings.append).load_latest()
+    assert uri.endswith(sorted(root.iterdir())[-2].name) and "does not match its sha256" in warnings[0]
+
+
+def test_shard_metadata_unpickler_refuses_code():
+    """DCP's .metadata is a pickle: only its metadata classes load; a global like os.system is refused."""
+    import io
+    import pickle
+
+    from progrow_ray.engine.sharded_checkpoint import _MetadataUnpickler
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(CheckpointError, match=r"refers to (posix|os)\.system; refused"):
+        _MetadataUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    assert isinstance(_MetadataUnpickler(io.BytesIO(pickle.dumps(Metadata({})))).load(), Metadata)

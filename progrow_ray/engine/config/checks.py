@@ -44,6 +44,11 @@ def check_train(cfg: RunConfig, world_size: int) -> None:
     require(
         t.parallel in ("auto", "ddp", "fsdp"), f"train.parallel must be auto, ddp or fsdp, got {t.parallel!r}"
     )
+    require(
+        not (t.parallel == "fsdp" and cfg.model_kind == "resnet"),
+        "train.parallel=fsdp does not train BatchNorm models (resnet): FSDP keeps each rank's running "
+        "statistics apart; use train.parallel=ddp (a ResNet fits one GPU)",
+    )
     require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     require(
         t.checkpoint_every_tokens is None or t.checkpoint_every_tokens > 0,

@@ -87,7 +87,7 @@ class OptimizerSection:
     nsgd_nesterov: bool = False  # NSGD's momentum: plain m_t, as the paper's App. B writes it
     # data parallel: split a matrix heavier than a rank's share (a GPT's vocabulary matrix) over all ranks'
     # Newton–Schulz (faster; equal to one process up to float summation order); false: every matrix whole on
-    # one owner rank, the one-process update bit for bit at any world size
+    # one owner rank, the one-process arithmetic per matrix (on CPU the same bits at any world size)
     ns_split: bool = True
 
 
