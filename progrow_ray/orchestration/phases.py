@@ -115,12 +115,18 @@ def train_loop(config: dict) -> LoopReturn | None:
             "val_loss": p.val_loss,
             "expanded": p.expanded,
         }
-        if "shards" in ckpt_files:  # FSDP: every rank reports its own shards; Ray merges the directories
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "checkpoint")
-                small = {k: v for k, v in ckpt_files.items() if k != "shards"}
-                write_into(path, small, ckpt_files["shards"])
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path))
+        if "shards" in ckpt_files:
+            # FSDP: every rank reports its own shards and Ray merges the directories. Uploaded in the
+            # background while training goes on (Ray deletes the local copy after the upload and waits for
+            # every upload before the fit returns); the checkpoint counts once all ranks' uploads are in.
+            path = tempfile.mkdtemp(prefix="progrow-ckpt-")
+            small = {k: v for k, v in ckpt_files.items() if k != "shards"}
+            write_into(path, small, ckpt_files["shards"])
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(path),
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            )
         elif rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "checkpoint")

@@ -77,7 +77,7 @@ def check_memory(cfg: PipelineConfig, world: int | None = None) -> list[PhaseMem
             fix = "lower train.micro_batch, add workers, or use GPUs with more memory (ray.gpu_memory_gb)"
         raise ConfigError(
             f"memory preflight: {row.phase} (depth {row.depth} on {row.world} GPUs, {row.mode}) needs "
-            f"{need:.2f} GB per GPU, over ray.gpu_memory_gb={limit_gb:g}; {fix} "
+            f"{need:.3g} GB per GPU, over ray.gpu_memory_gb={limit_gb:g}; {fix} "
             f"(see python -m progrow_ray.plan)"
         )
     return rows

@@ -1,7 +1,10 @@
-"""The smoke preset's per-step losses on CPU, pinned bit for bit to the values the engine gave before the
-refactor of issue 13 (``pinned_losses.json``, floats in hex). A change above the core that alters what
-trains -- data order, initialisation, the optimizer step, the schedule position, the expansion -- fails
-here, however small.
+"""The smoke preset's per-step losses on CPU, pinned to the values the engine gave before the refactor of
+issue 13 (``pinned_losses.json``, floats in hex). A change above the core that alters what trains -- data
+order, initialisation, the optimizer step, the schedule position, the expansion -- fails here.
+
+Bit for bit on the machine that wrote them; CPUs of another generation round some kernels differently (an
+AMD EPYC gave 3e-7 relative from step 4 on), so the check is 2e-6 relative, an order above that and orders
+below what any change of what trains moves the loss by.
 
 Regenerate only for an intended change of the numerics:
 ``.venv/bin/python -m tests.engine.test_pinned_losses > tests/engine/pinned_losses.json``."""
@@ -62,15 +65,16 @@ def smoke_uri(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("name,overrides,until", CASES, ids=[c[0] for c in CASES])
-def test_smoke_losses_are_bit_exact(smoke_uri, tmp_path, name, overrides, until):
+def test_smoke_losses_match_the_pinned_ones(smoke_uri, tmp_path, name, overrides, until):
     expected = json.loads(PINNED.read_text())[name]
     got = run_case(smoke_uri, str(tmp_path), overrides, until)
     assert got["steps"] == expected["steps"] and got["depth"] == expected["depth"]
-    assert got["train_loss"] == expected["train_loss"], (
-        [float.fromhex(x) for x in got["train_loss"]],
-        [float.fromhex(x) for x in expected["train_loss"]],
+    got_losses = [float.fromhex(x) for x in got["train_loss"]]
+    expected_losses = [float.fromhex(x) for x in expected["train_loss"]]
+    assert got_losses == pytest.approx(expected_losses, rel=2e-6, abs=0), (got_losses, expected_losses)
+    assert float.fromhex(got["val_loss"]) == pytest.approx(
+        float.fromhex(expected["val_loss"]), rel=2e-6, abs=0
     )
-    assert got["val_loss"] == expected["val_loss"]
 
 
 if __name__ == "__main__":

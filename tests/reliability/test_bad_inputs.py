@@ -107,8 +107,12 @@ CASES = [
     (
         "phase beyond GPU memory, fsdp fits",
         PIPE,
-        ["ray.use_gpu=true", "train.parallel=ddp", "ray.gpu_memory_gb=0.185"],
-        ["memory preflight: phase 2", "ddp) needs 0.2 GB per GPU", "over ray.gpu_memory_gb=0.185", "fsdp"],
+        ["ray.use_gpu=true", "train.parallel=ddp", "ray.gpu_memory_gb=0.18"],
+        [
+            "memory preflight: phase 1 (depth 0 on 1 GPUs, ddp) needs 0.184 GB per GPU",
+            "over ray.gpu_memory_gb=0.18",
+            "set train.parallel=fsdp",
+        ],
     ),
     (
         "phase beyond GPU memory, nothing fits",
