@@ -298,11 +298,8 @@ class MuonNSGD(torch.optim.Optimizer):
         import torch.distributed as dist
 
         rank, world = dist.get_rank(pg), dist.get_world_size(pg)
-        costs = [lay.batch * lay.fan_out * lay.fan_in * min(lay.fan_out, lay.fan_in) for lay in layouts]
-        split = [
-            self.ns_split and costs[i] * world > sum(costs) and rows_are_long_side(p, layouts[i])
-            for i, p in enumerate(params)
-        ]
+        costs = [newton_schulz_cost(lay) for lay in layouts]
+        split = split_matrices(params, layouts, costs, world) if self.ns_split else [False] * len(params)
         shapes = [p.shape for p in params]  # global shapes (a DTensor's size is the whole tensor's)
         whole_ids = [i for i in range(len(params)) if not split[i]]
         owner = owners.assign_owners([costs[i] for i in whole_ids], world)
@@ -349,6 +346,18 @@ class MuonNSGD(torch.optim.Optimizer):
             for (i, _), u in zip(items, ortho.unbind(0)):
                 out[i] = layouts[i].stored(u, whole[i])
         return out
+
+
+def newton_schulz_cost(layout: MatrixLayout) -> int:
+    """The multiply-adds of orthogonalising ``layout``'s matrices, up to a constant: what owners balance."""
+    return layout.batch * layout.fan_out * layout.fan_in * min(layout.fan_out, layout.fan_in)
+
+
+def split_matrices(params, layouts, costs, world: int) -> list[bool]:
+    """Which matrices ``ns_split`` splits over ``world`` ranks: heavier than a rank's even share, and stored
+    with their long side as rows (``rows_are_long_side``). The optimizer and the memory estimate both ask."""
+    total = sum(costs)
+    return [c * world > total and rows_are_long_side(p, lay) for p, lay, c in zip(params, layouts, costs)]
 
 
 def rows_are_long_side(p: torch.Tensor, layout: MatrixLayout) -> bool:

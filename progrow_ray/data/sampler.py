@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..core.errors import ConfigError, require
-from ..integrations.storage import filesystem, is_local
+from ..integrations.storage import filesystem, is_local, sha256_of
 from .prepare import FORMAT, _join, read_meta
 
 
@@ -27,11 +27,8 @@ class CorruptDataError(ConfigError):
 
 
 def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return sha256_of(fh)
 
 
 def default_cache_dir() -> str:

@@ -30,7 +30,7 @@ import torch
 from ..core.layouts import layout_from_shape, matrix_layouts
 from ..core.models import build_model
 from ..core.models.base import LanguageModelConfig
-from ..core.optim import rows_are_long_side
+from ..core.optim import newton_schulz_cost, split_matrices
 from ..core.owners import assign_owners, dim0_rows
 from .config import RunConfig
 
@@ -119,13 +119,13 @@ def _newton_schulz_bytes(model, world: int, mode: str, ns_split: bool = True) ->
     mats = [(p, layouts.get(p) or layout_from_shape(p)) for p in model.parameters() if p.ndim >= 2]
     if not mats:
         return 0
-    costs = [lay.batch * lay.fan_out * lay.fan_in * min(lay.fan_out, lay.fan_in) for _, lay in mats]
+    costs = [newton_schulz_cost(lay) for _, lay in mats]
     # optimizer.ns_split (core/optim.py): a matrix heavier than a rank's share, stored (long, short), is
     # split by rows over all ranks; each holds 1/N of it and the short x short Gram products
-    split = [
-        ns_split and sharing and c * world > sum(costs) and rows_are_long_side(p, lay)
-        for c, (p, lay) in zip(costs, mats)
-    ]
+    if ns_split and sharing:
+        split = split_matrices([p for p, _ in mats], [lay for _, lay in mats], costs, world)
+    else:
+        split = [False] * len(mats)
     split_peak = max(
         (
             (4 + 2 + 2) * p.shape[0] * p.shape[1] // world + 8 * p.shape[1] ** 2

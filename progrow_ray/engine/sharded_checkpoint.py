@@ -19,7 +19,6 @@ uploaded with retries; inside Ray Train each rank's directory is reported and Ra
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -94,14 +93,6 @@ def load_sharded_state(model, optimizer, reader, extra: dict) -> None:
 # ---- writing ----------------------------------------------------------------------------------------
 
 
-def _sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -128,15 +119,18 @@ def write_local_shards(directory: str, tensors: dict) -> dict[str, str]:
     dcp.save(tensors, storage_writer=dcp.FileSystemWriter(target))
     rank = _rank()
     mine = [n for n in os.listdir(target) if n.startswith(f"__{rank}_") or (rank == 0 and n == ".metadata")]
-    return {f"{SHARDS}/{n}": _sha256_of(os.path.join(target, n)) for n in sorted(mine)}
+    hashes = {}
+    for n in sorted(mine):
+        with open(os.path.join(target, n), "rb") as fh:
+            hashes[f"{SHARDS}/{n}"] = storage.sha256_of(fh)
+    return hashes
 
 
 def encode_small(name: str, obj: Any) -> bytes:
-    if name.endswith(".json"):
-        return json.dumps(obj, indent=1, sort_keys=True).encode()
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    """A small file's bytes, encoded as whole-tensor checkpoints encode theirs."""
+    from .checkpoint import _encode
+
+    return _encode(name, obj)
 
 
 def manifest_bytes(hashes: dict[str, str], world: int) -> bytes:
@@ -266,14 +260,12 @@ def verify_files(uri: str, files: dict[str, str]) -> str | None:
         if i % world != _rank():
             continue
         try:
-            hasher = hashlib.sha256()
             with fs.open(f"{path}/{name}", "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    hasher.update(block)
+                actual = storage.sha256_of(fh)
         except FileNotFoundError:
             problem = f"{name} is missing"
             break
-        if hasher.hexdigest() != digest:
+        if actual != digest:
             problem = f"{name} does not match its sha256 (corrupted or partial)"
             break
     verdicts = [p for p in _gather(problem) if p]

@@ -13,6 +13,7 @@ pyarrow are not installed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -60,6 +61,14 @@ def join(uri: str, *parts: str) -> str:
 def filesystem(uri: str) -> tuple[Any, str]:
     """``(fsspec filesystem, path)`` of a local path or URL."""
     return fsspec.core.url_to_fs(uri)
+
+
+def sha256_of(fh) -> str:
+    """The sha256 hex digest of an open binary file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: fh.read(1 << 24), b""):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def is_local(fs) -> bool:
