@@ -196,11 +196,15 @@ def _entrypoint_preset(entrypoint: str) -> tuple[str | None, list[str]]:
     return config, sets
 
 
-def _capacity_checks(doc: dict, cluster: dict, name: str) -> list[str]:
-    """The RayJob's preset fits its cluster: Ray Train places one worker (ray.cpus_per_worker CPUs, 1 GPU)
-    per bundle and packs them, so a pod holds min(GPUs, CPUs // cpus_per_worker) workers. With ray.standby
-    phase 1 and phase 2 hold their workers at once; the tau probes need one pod of their shape."""
-    preset, sets = _entrypoint_preset(str((doc.get("spec") or {}).get("entrypoint") or ""))
+def _capacity_checks(doc: dict, cluster: dict, name: str, preset: str | None = None) -> list[str]:
+    """The preset (``--preset``, else the RayJob entrypoint's) fits the cluster: Ray Train places one worker
+    (ray.cpus_per_worker CPUs, 1 GPU) per bundle and packs them, so a pod holds min(GPUs, CPUs //
+    cpus_per_worker) workers. Each phase must reach its maximum workers (an elastic one asks for it from
+    the start); with ray.standby phase 1 and phase 2 hold theirs at once; the tau probes need one pod of
+    their shape."""
+    sets: list[str] = []
+    if preset is None:
+        preset, sets = _entrypoint_preset(str((doc.get("spec") or {}).get("entrypoint") or ""))
     if not preset:
         return []
     path = next((b / preset for b in (Path.cwd(), PROJECT_ROOT) if (b / preset).is_file()), None)
@@ -218,7 +222,7 @@ def _capacity_checks(doc: dict, cluster: dict, name: str) -> list[str]:
         return []  # missing or mistyped maxReplicas: reported by the replica checks / the schema
     r, errors = cfg.ray, []
     cpw = r.cpus_per_worker
-    total, parts = 0, []
+    total, parts, grow = 0, [], None
     for where, group, hi in groups:
         shape = ray_shape(group)
         fit = math.floor((shape["cpus"] or 0) / cpw + 1e-9)
@@ -235,17 +239,28 @@ def _capacity_checks(doc: dict, cluster: dict, name: str) -> list[str]:
         if fit and hi:
             total += hi * fit
             parts.append(f"{group.get('groupName', 'head')} {hi} x {fit}")
-    standby = r.standby and cfg.growth.enabled
-    need = r.workers_large + (r.workers_small if standby else 0)
-    if total < need:
-        what = f"ray.workers_large={r.workers_large}" + (
-            f" + ray.workers_small={r.workers_small} (ray.standby)" if standby else ""
-        )
+            grow = grow or (group.get("groupName"), fit)
+    worker = f"{cpw:g} CPU" + (" + 1 GPU" if r.use_gpu else "")
+    held = f"the worker groups hold at most {total} ({', '.join(parts) or 'none'})"
+
+    def fix(need: int) -> str:
+        if grow is None or grow[0] is None:
+            return "add a worker group"
+        return f"raise {grow[0]}'s maxReplicas by {math.ceil((need - total) / grow[1])}"
+
+    small, large = r.small, r.large
+    for key, workers in (("ray.workers_small", small), ("ray.workers_large", large)):
+        if total < workers.max:
+            errors.append(
+                f"{name}: {preset}'s {key}={workers} asks for {workers.max} workers of {worker} but {held}: "
+                f"{fix(workers.max)}, or lower {key}"
+            )
+    if r.standby and cfg.growth.enabled and total >= large.max and total < small.max + large.max:
+        need = small.max + large.max
         errors.append(
-            f"{name}: {preset} needs {need} workers at once ({what}) of {cpw:g} CPU"
-            + (" + 1 GPU" if r.use_gpu else "")
-            + f" but the worker groups hold at most {total} "
-            f"({', '.join(parts) or 'none'}): raise maxReplicas or add a group"
+            f"{name}: {preset} with ray.standby holds phase 1's {small.max} and phase 2's {large.max} "
+            f"workers of {worker} at once, {need} in all, but {held}: {fix(need)}, or set "
+            "ray.standby=false (phase 2's workers are then pre-warmed during phase 1)"
         )
     t = cfg.tune
     if (
@@ -265,7 +280,7 @@ def _capacity_checks(doc: dict, cluster: dict, name: str) -> list[str]:
     return errors
 
 
-def _ray_checks(doc: dict, name: str) -> list[str]:
+def _ray_checks(doc: dict, name: str, preset: str | None = None) -> list[str]:
     errors, spec = [], doc.get("spec") or {}
     pinned = pinned_ray_version()
     cluster = spec.get("rayClusterSpec") if doc["kind"] == "RayJob" else spec
@@ -303,8 +318,8 @@ def _ray_checks(doc: dict, name: str) -> list[str]:
             if "ray" in image and not tag.startswith(pinned):
                 errors.append(f"{where}: image {image!r} is not tagged with the pinned Ray {pinned}")
     errors += _gpu_pod_checks(cluster, name)
-    if doc["kind"] == "RayJob":
-        errors += _capacity_checks(doc, cluster, name)
+    if doc["kind"] == "RayJob" or preset:
+        errors += _capacity_checks(doc, cluster, name, preset)
     return errors
 
 
@@ -630,9 +645,12 @@ def is_launcher_config(doc) -> bool:
     )
 
 
-def check_manifest(path: str | Path, schema_dir: str | Path = SCHEMA_DIR) -> list[str]:
+def check_manifest(
+    path: str | Path, schema_dir: str | Path = SCHEMA_DIR, preset: str | None = None
+) -> list[str]:
     """All problems of one manifest file (possibly several documents), or of a Ray cluster-launcher config;
-    [] when it is fine."""
+    [] when it is fine. ``preset``: check every RayJob / RayCluster's capacity against that preset instead
+    of the RayJob entrypoint's."""
     path = Path(path)
     try:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
@@ -651,7 +669,7 @@ def check_manifest(path: str | Path, schema_dir: str | Path = SCHEMA_DIR) -> lis
             ):
                 loc = ".".join(str(p) for p in err.absolute_path) or "(root)"
                 errors.append(f"{name}: {loc}: {err.message}")
-            errors += _ray_checks(doc, name)
+            errors += _ray_checks(doc, name, preset)
         errors += _common_checks(doc, name)
     return errors
 
@@ -664,8 +682,15 @@ def main(argv: list[str] | None = None) -> int:
         "manifests", nargs="+", help="Kubernetes manifests and/or Ray cluster-launcher configs"
     )
     parser.add_argument("--schema-dir", default=str(SCHEMA_DIR))
+    parser.add_argument(
+        "--preset",
+        help="check the worker groups against this preset's phases (jobs/X.yaml) instead of the "
+        "RayJob entrypoint's",
+    )
     args = parser.parse_args(argv)
-    errors = [e for m in args.manifests for e in check_manifest(m, args.schema_dir)]
+    if args.preset and not Path(args.preset).is_file():
+        raise ConfigError(f"--preset {args.preset}: no such file")
+    errors = [e for m in args.manifests for e in check_manifest(m, args.schema_dir, args.preset)]
     for e in errors:
         print(e)
     print(f"{len(args.manifests)} file(s) checked, {len(errors)} problem(s)")

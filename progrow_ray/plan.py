@@ -16,14 +16,13 @@ import sys
 
 from .cli import run_cli
 from .core.errors import require
-from .core.flops import plan_savings
+from .core.flops import GPU_PEAK_TFLOPS, plan_savings
 from .core.mixing import MixResult, plan_tau
 from .engine.config import load_run_config
 from .orchestration.config import PipelineConfig
 from .orchestration.preflight import format_plan, memory_plan
 
 # Dense bf16 tensor-core peaks (vendor datasheets); H100/H200 measured here at ~790 TF/s (see README).
-GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "l4": 121.0, "b200": 2250.0}
 
 
 def plan(cfg: PipelineConfig, taus: list[float], gpu: str, mfu: float, t_mix_tokens: int | None) -> dict:

@@ -176,8 +176,30 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     if report.get("horizon_note"):
         lines += ["", f"**Why no saving here:** {report['horizon_note']}"]
+    lines += elastic_lines(report.get("elastic_events") or [])
     lines += ["", "![loss vs tokens](loss_vs_tokens.png)", "", "![loss vs FLOPs](loss_vs_flops.png)", ""]
     return "\n".join(lines)
+
+
+def elastic_lines(events: list) -> list[str]:
+    """The worker-group restarts as a table, with what they cost."""
+    if not events:
+        return []
+    lost = sum(e["wall_lost_s"] or 0.0 for e in events)
+    lines = [
+        "",
+        f"**Elastic events:** {len(events)} restart(s) of a worker group; "
+        f"{sum(e['tokens_recomputed'] for e in events):,} tokens recomputed, {lost:.0f} s of training lost",
+        "",
+        "| phase | at tokens | workers | cause | tokens recomputed | first step at the new size (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in events:
+        lines.append(
+            f"| {e['phase']} | {e['tokens']:,} | {e['from_workers']} -> {e['to_workers']} | {e['cause']} | "
+            f"{e['tokens_recomputed']:,} | {e['first_step_s']:.1f} |"
+        )
+    return lines
 
 
 # ---- the report's record ---------------------------------------------------------------------------
@@ -222,6 +244,9 @@ class Report:
     savings: Savings | None
     overheads: Overheads
     mlflow: MlflowRefs
+    # every restart of a phase's worker group (resize, preemption, failure): phase, time, tokens, from/to
+    # workers, cause, tokens recomputed, wall time lost (orchestration/progress.ElasticLog)
+    elastic_events: list = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -263,6 +288,11 @@ def build_report(cfg, search, phases: list, baseline, lr_search, mlflow: MlflowR
             search.search_flops / prog_flops,
         ),
         mlflow=mlflow,
+        elastic_events=[
+            {"phase": p.name, **e}
+            for p in [*phases, *([baseline] if baseline else [])]
+            for e in p.elastic_events
+        ],
     )
 
 

@@ -21,6 +21,7 @@ from .cli import run_cli
 from .data.prepare import prepare_run_data
 from .engine.config import RunConfig
 from .engine.faults import faults_from_env, maybe_inject_fault
+from .engine.parallel import end_process_group
 from .engine.trainer import NonFiniteLossError, RunResult, Trainer, default_manager, run_dir
 from .integrations.storage import filesystem
 from .orchestration.config import load_single_run
@@ -82,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         mode = check_memory(full, world=world)[0].mode
         cfg = replace(cfg, train=replace(cfg.train, parallel=mode))
     started_group = start_process_group(cfg, world, cuda)
+    code = 1
     try:
-        return train(cfg, args)
+        code = train(cfg, args)  # returns with the Trainer freed, so the group can go now
+        return code
     finally:
         if started_group:
-            dist.destroy_process_group()
+            end_process_group(clean=code == 0)
 
 
 def start_process_group(cfg: RunConfig, world: int, cuda: bool) -> bool:

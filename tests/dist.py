@@ -30,6 +30,7 @@ def run_ranks(module: str, world: int, *args: str, timeout: float = 600) -> None
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            "PYTHONFAULTHANDLER": "1",  # a native abort still prints each thread's Python stack
         }
         procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env))
     deadline = time.monotonic() + timeout

@@ -30,7 +30,7 @@ from ..core.errors import require
 from ..core.models import GPTConfig, build_model
 from ..core.optim import build_optimizer, set_lr
 from ..core.schedule import WSD, step_lr
-from ..engine.step import autocast_for, train_step
+from ..engine.step import autocast_for, plan_batch, train_step
 from .reference import RefGPT, reference_step
 
 SHAPES = {
@@ -79,6 +79,7 @@ def throughput(args) -> dict:
     schedule = WSD(10**12)
 
     runners = {}
+    plan = plan_batch(args.batch, args.batch // args.accum, rank=0, world=1, same_count=False)
     optimizers = ["adamw", "muon_nsgd"] if args.optimizer == "both" else [args.optimizer]
     for name in optimizers:
         model = build_model(cfg).to(device)
@@ -89,7 +90,7 @@ def throughput(args) -> dict:
         def engine(x, y, model=step_model, opt=opt, state=state):
             set_lr(opt, step_lr(schedule, 0.01, state["tokens"], tokens_per_step))
             state["tokens"] += tokens_per_step
-            return train_step(model, opt, x, y, args.accum, device, autocast)
+            return train_step(model, opt, x, y, plan, device, autocast)
 
         runners[f"engine:{name}"] = engine
     ref_model = RefGPT(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd, cfg.n_head).to(device)

@@ -72,7 +72,10 @@ def _rank(rank: int, world: int, port: int, shape: dict, parallel: str, steps: i
         gathered = [torch.zeros(2, dtype=torch.float64, device=device) for _ in range(world)]
         dist.all_gather(gathered, result.to(device))
         result = torch.stack(gathered).max(0).values.cpu()  # the slowest rank sets the pace
-        dist.destroy_process_group()
+        del model, optimizer
+        from ..engine.parallel import end_process_group
+
+        end_process_group()
     if rank == 0:
         torch.save(result, out)
 

@@ -88,3 +88,20 @@ def run_flops_by_segments(
         target.with_depth(d).train_flops_per_unit(seq_len, image_size, convention) * units
         for d, units in segments
     )
+
+
+# Dense bf16 peak per device, TFLOP/s (vendor figures): what MFU is measured against.
+GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "l40s": 362.0, "l4": 121.0, "b200": 2250.0}
+
+
+def peak_flops(device) -> float | None:
+    """The dense bf16 peak of a CUDA device in FLOP/s, from its name; None on CPU or an unknown GPU."""
+    import torch
+
+    if getattr(device, "type", device) != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):  # "l40s" before "l4"
+        if key in name:
+            return GPU_PEAK_TFLOPS[key] * 1e12
+    return None

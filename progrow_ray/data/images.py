@@ -65,13 +65,15 @@ class SyntheticImageData:
     def _images(self, n: int, start: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         return synthetic_images(n, classes=self.classes, size=self.size, noise=self.noise, seed=seed, start=start)
 
-    def next_batch(self, global_examples: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's contiguous share of the next global batch; every rank advances by the global amount."""
-        require(global_examples % world_size == 0, "global batch must divide over the workers")
-        per_rank = global_examples // world_size
-        first = self.consumed + rank * per_rank
+    def next_batch(self, global_examples: int, first: int = 0, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``first .. first + count`` of the next global batch (default: all of it); every rank
+        advances by the global amount."""
+        count = global_examples - first if count is None else count
+        require(0 <= first and count >= 1 and first + count <= global_examples,
+                f"images {first}..{first + count} are not in a global batch of {global_examples}")
+        start = self.consumed + first
         self.consumed += global_examples
-        return self._images(per_rank, first, self.seed)
+        return self._images(count, start, self.seed)
 
     def eval_batches(self, max_units: int, micro_batch: int, rank: int = 0,
                      world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

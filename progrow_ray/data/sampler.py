@@ -122,13 +122,15 @@ class SequenceSampler:
         start = int(self._order(epoch)[i]) * self.seq_len
         return self.shards.window(start, self.seq_len + 1)
 
-    def next_batch(self, global_sequences: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the next global batch; every rank advances by the global amount."""
-        require(global_sequences % world_size == 0, "global batch must divide over the workers")
-        per_rank = global_sequences // world_size
-        first = self.consumed + rank * per_rank
+    def next_batch(self, global_sequences: int, first: int = 0, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences ``first .. first + count`` of the next global batch (default: all of it); every rank
+        advances by the global amount, so the data order does not depend on the world size."""
+        count = global_sequences - first if count is None else count
+        require(0 <= first and count >= 1 and first + count <= global_sequences,
+                f"sequences {first}..{first + count} are not in a global batch of {global_sequences}")
+        start = self.consumed + first
         self.consumed += global_sequences
-        return _to_batch([self._window(first + j) for j in range(per_rank)])
+        return _to_batch([self._window(start + j) for j in range(count)])
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "seq_len": self.seq_len, "consumed_sequences": self.consumed}
@@ -167,8 +169,8 @@ class TokenData:
     def vocab_size(self) -> int:
         return self.train.vocab_size
 
-    def next_batch(self, global_examples: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sampler.next_batch(global_examples, rank, world_size)
+    def next_batch(self, global_examples: int, first: int = 0, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sampler.next_batch(global_examples, first, count)
 
     def eval_batches(self, max_units: int, micro_batch: int, rank: int = 0, world_size: int = 1):
         return eval_batches(self.val, self.units_per_example, max_units, micro_batch, rank, world_size)

@@ -5,7 +5,10 @@ and the probe's ``role``; the single-process CLI: ``phase`` "train").
 
 Actions: the default kills the process abruptly (as a preempted or OOM-killed worker); ``"hold"``
 blocks instead, a deterministic point at which a test kills the driver (the stage cannot finish
-behind the test's back); ``"corrupt_latest"`` lets the caller damage the newest checkpoint first.
+behind the test's back); ``"pause"`` blocks until the file ``release`` exists, or with ``release:
+"preemption"`` until the caller's ``preempted()`` says this worker was told of a node drain (a test
+changes the cluster, or reads MLflow, while training stands still, then lets it go on);
+``"corrupt_latest"`` lets the caller damage the newest checkpoint first.
 ``delay_s`` waits first (e.g. until Ray has registered the last reported checkpoint). Unset, nothing
 here runs."""
 
@@ -20,14 +23,16 @@ FAULT_ENV = "PROGROW_FAULT"
 HOLD_S = 3600.0  # a held process waits here until the test kills it
 
 
-def hold() -> None:
-    """Block until killed, for at most HOLD_S; exit at once if the parent process goes away (a test
-    that failed before its kill must not leave a held worker on the machine)."""
+def hold(released: Callable[[], bool] | None = None) -> None:
+    """Block until killed (or until ``released()``), for at most HOLD_S; exit at once if the parent
+    process goes away (a test that failed before its kill must not leave a held worker behind)."""
     parent, deadline = os.getppid(), time.time() + HOLD_S
     while time.time() < deadline:
         if os.getppid() != parent:
             os._exit(1)
-        time.sleep(0.5)
+        if released is not None and released():
+            return
+        time.sleep(0.2)
 
 
 def faults_from_env():
@@ -41,6 +46,7 @@ def maybe_inject_fault(
     tokens: int,
     role: str | None = None,
     corrupt: Callable[[], str | None] | None = None,
+    preempted: Callable[[], bool] | None = None,
 ) -> None:
     for fault in [faults] if isinstance(faults, dict) else faults or []:
         if (
@@ -65,6 +71,13 @@ def maybe_inject_fault(
         if fault.get("action") == "hold":
             hold()
             raise RuntimeError(f"fault hold at {phase}/{tokens} tokens was never released")
+        if fault.get("action") == "pause":
+            release = fault["release"]
+            if release == "preemption":
+                hold(preempted)
+            else:
+                hold(lambda: os.path.exists(release))
+            continue
         os._exit(1)
 
 

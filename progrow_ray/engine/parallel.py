@@ -205,3 +205,17 @@ def require_process_group() -> None:
         "train.parallel=fsdp needs a torch.distributed process group (torchrun, Ray Train, or "
         "progrow_ray.train, which starts a one-process group)",
     )
+
+
+def end_process_group(clean: bool = True) -> None:
+    """Destroy the default group while the interpreter is fully alive. Whatever still holds the group or
+    its work handles (FSDP's state, a finished Trainer) is collected first, and a clean end waits for every
+    rank: a gloo group freed later, during interpreter finalisation, aborts the process (SIGABRT,
+    "terminate called without an active exception") although its work was done."""
+    import gc
+
+    gc.collect()
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()

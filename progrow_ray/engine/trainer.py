@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.errors import require
+from ..core.flops import peak_flops
 from ..core.growth import expand_depth
 from ..core.models import build_model, make_config, model_kind
 from ..core.optim import build_optimizer, set_lr
@@ -36,7 +37,7 @@ from .parallel import (
 )
 from .sharded_checkpoint import load_sharded_state, shard_reader, sharded_state
 from .state import load_model_state, load_optimizer_state
-from .step import autocast_for, train_step
+from .step import autocast_for, plan_batch, train_step
 
 MetricsFn = Callable[[dict], None]
 SaveFn = Callable[["Trainer", dict], "str | None"]
@@ -113,9 +114,13 @@ class Trainer:
         save_checkpoint: SaveFn | None = None,
         resume: dict | None = None,
         on_metrics: MetricsFn | None = None,
+        checkpoint_requested: Callable[[], str | None] | None = None,
         log: Callable[[str], None] = print,
     ):
+        """``checkpoint_requested``: called on every rank at the same step boundaries (every
+        ``train.log_every`` steps); a reason ("preemption") makes every rank checkpoint there."""
         self.cfg, self.log, self.on_metrics = cfg, log, on_metrics
+        self.checkpoint_requested = checkpoint_requested
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
@@ -149,7 +154,9 @@ class Trainer:
         self._prepare_step_model()
         self._interval_loss = torch.zeros((), device=self.device)
         self._interval_steps = 0
-        self._interval_start = time.perf_counter()
+        self._interval_start = self._last_save = time.perf_counter()
+        self._interval_flops = self.progress.flops
+        self._peak_flops = peak_flops(self.device)
         self._interval_tokens = self.progress.tokens
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -280,6 +287,7 @@ class Trainer:
         """Checkpoint through the hook (Ray) or the run's own CheckpointManager (rank 0 writes)."""
         self._check_finite()
         files = self.checkpoint_files()
+        self._last_save, self.save_reason = time.perf_counter(), reason
         if self.save_fn is not None:
             return self.save_fn(self, files)
         if self.rank != 0 and "shards" not in files:
@@ -350,13 +358,16 @@ class Trainer:
     def train_step(self) -> None:
         batch_tokens = self.batch_tokens
         units = self.data.units_per_example
-        accum = check_batch(batch_tokens, self.world, self.cfg.train.micro_batch, units, "global batch")
+        examples = check_batch(batch_tokens, units, "global batch")
+        plan = plan_batch(
+            examples, self.cfg.train.micro_batch, self.rank, self.world, same_count=self.parallel == "fsdp"
+        )
         set_lr(
             self.optimizer, step_lr(self.schedule, self.cfg.optimizer.lr, self.progress.tokens, batch_tokens)
         )
-        x, y = self.data.next_batch(batch_tokens // units, self.rank, self.world)
+        x, y = self.data.next_batch(examples, *plan.reads)
         self._interval_loss += train_step(
-            self.step_model, self.optimizer, x, y, accum, self.device, self._autocast
+            self.step_model, self.optimizer, x, y, plan, self.device, self._autocast
         )
         self.progress.step += 1
         self.progress.tokens += batch_tokens
@@ -370,32 +381,45 @@ class Trainer:
                 "stopped; the last good checkpoint is kept. Lower optimizer.lr or check the data."
             )
 
-    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+    def _sum_over_ranks(self, values: torch.Tensor) -> list[float]:
         if self.distributed:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.world
-        return value.item()
+            values = values.clone()
+            dist.all_reduce(values)
+        return values.tolist()
 
-    def _log_interval(self) -> None:
+    def _log_interval(self) -> bool:
+        """Log the interval's metrics; returns whether a checkpoint is due by wall time (rank 0's clock,
+        summed with the loss, so every rank agrees)."""
         self._check_finite()
         now = time.perf_counter()
-        loss = self._mean_over_ranks(self._interval_loss / max(self._interval_steps, 1))
+        every_s = self.cfg.train.checkpoint_every_s
+        due = float(self.rank == 0 and every_s is not None and now - self._last_save >= every_s)
+        mine = torch.stack(
+            [self._interval_loss / max(self._interval_steps, 1), torch.tensor(due, device=self.device)]
+        )
+        loss, due = self._sum_over_ranks(mine)  # the loss: the ranks' shares of the mean
         self.progress.train_loss = loss
         seconds = now - self._interval_start
+        flops_per_s = (self.progress.flops - self._interval_flops) / max(seconds, 1e-9)
         metrics = {
             "event": "train",
             "train_loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "batch_tokens": self.batch_tokens,
             "tokens_per_s": (self.progress.tokens - self._interval_tokens) / max(seconds, 1e-9),
+            "flops_per_s": flops_per_s,
+            "world_size": self.world,
         }
+        if self._peak_flops:  # a GPU whose peak is known: model FLOPs utilisation over all ranks
+            metrics["mfu"] = flops_per_s / (self._peak_flops * self.world)
         router = getattr(self.model, "router_metrics", None)
         if router is not None:
             metrics.update(router())
         self._emit(metrics)
         self._interval_loss.zero_()
         self._interval_steps, self._interval_start, self._interval_tokens = 0, now, self.progress.tokens
+        self._interval_flops = self.progress.flops
+        return due > 0
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -476,16 +500,22 @@ class Trainer:
                 if bar is not None:
                     bar.update(p.tokens - before)
                     bar.set_postfix(depth=self.depth, loss=p.train_loss, refresh=False)
+                checkpoint_now = None
                 if p.step % cfg.train.log_every == 0 or p.tokens >= stop:
-                    self._log_interval()
+                    checkpoint_now = "time" if self._log_interval() else None
+                    if self.checkpoint_requested is not None:  # every rank, same steps (Ray: a barrier)
+                        checkpoint_now = self.checkpoint_requested() or checkpoint_now
                 if (
                     crossed(before, p.tokens, cfg.train.eval_every_tokens)
                     or p.tokens >= cfg.train.total_tokens
                 ):
                     self.evaluate()
                 every = cfg.train.checkpoint_every_tokens
-                if every and crossed(before, p.tokens, every) and p.tokens < stop:
-                    self.save("periodic")
+                periodic = bool(every) and crossed(before, p.tokens, every)
+                if (periodic or checkpoint_now) and p.tokens < stop:
+                    if checkpoint_now:
+                        self.log(f"checkpoint at {p.tokens:,} tokens ({checkpoint_now})")
+                    self.save(checkpoint_now or "periodic")
         finally:
             if bar is not None:
                 bar.close()

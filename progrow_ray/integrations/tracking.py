@@ -9,6 +9,7 @@ the rest of the run.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, Callable, Iterable
 
@@ -30,6 +31,9 @@ EVENT_METRICS = {
         "batch_tokens": "batch_tokens",
         "train_tokens": "tokens",
         "train_flops": "flops",
+        "flops_per_s": "flops_per_s",
+        "mfu": "mfu",
+        "world_size": "world_size",
         "moe_aux_loss": "moe_aux_loss",
         "moe_z_loss": "moe_z_loss",
         "moe_max_expert_fraction": "moe_max_expert_fraction",
@@ -110,6 +114,7 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, log: Callable[[str], None] = print):
         self.tracking_uri, self.log, self.enabled = tracking_uri, log, True
         self.experiment_id: str | None = None
+        self._lock = threading.RLock()
         try:
             self._probe(tracking_uri)
             from mlflow.tracking import MlflowClient
@@ -177,15 +182,26 @@ class Tracker:
         self.enabled = False
 
     def _call(self, method: str, *args, **kwargs):
-        """``self.client.<method>(...)``, or None once tracking is off (MLflow unreachable)."""
-        if not self.enabled:
-            return None
-        fn = getattr(self.client, method)
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            self._fail(e)
-            return None
+        """``self.client.<method>(...)``, or None once tracking is off (MLflow unreachable). One call at a
+        time: the phases' live streams log from driver threads (and sqlite takes one writer)."""
+        with self._lock:
+            if not self.enabled:
+                return None
+            fn = getattr(self.client, method)
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                self._fail(e)
+                return None
+
+    def set_tags(self, run_id: str | None, tags: dict) -> None:
+        if not run_id:
+            return
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        if items:
+            self._call("log_batch", run_id, tags=items)
 
     def start_run(
         self, name: str, tags: dict | None = None, params: dict | None = None, parent_id: str | None = None

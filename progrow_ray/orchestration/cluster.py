@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
 
-from ..core.errors import require
+from ..core.errors import ConfigError, require
 
 
 def free_port() -> int:
@@ -110,27 +112,136 @@ class RaySession:
             os.environ["RAY_API_SERVER_ADDRESS"] = self._saved_api
 
 
-def check_capacity(cfg, local: bool) -> None:
-    """On a fixed-size (local) cluster, workers beyond its resources would wait forever: fail now."""
+class CapacityError(ConfigError):
+    """The cluster cannot hold a phase's minimum workers: exit 2, state kept, the same command resumes."""
+
+
+def placeable_workers(cpus_per_worker: float, gpu: bool) -> int:
+    """How many workers of one phase the cluster's alive nodes can hold at once (each worker on one node:
+    ``cpus_per_worker`` CPUs, and a GPU with ``ray.use_gpu``)."""
     import ray
 
+    total = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = node.get("Resources", {})
+        fit = int(res.get("CPU", 0) // cpus_per_worker) if cpus_per_worker > 0 else 1 << 30
+        if gpu:
+            fit = min(fit, int(res.get("GPU", 0)))
+        total += fit
+    return total
+
+
+def phase_need(cfg, what: str, workers) -> str:
+    per = f"{cfg.ray.cpus_per_worker:g} CPU" + (" + 1 GPU" if cfg.ray.use_gpu else "")
+    return f"{what} needs at least {workers.min} worker(s) of {per}"
+
+
+def wait_for_capacity(cfg, what: str, workers, log=print, poll_s: float = 2.0) -> None:
+    """Return once the cluster holds ``workers.min`` workers; after ``ray.capacity_timeout_s`` without
+    (an autoscaler had that long to add nodes), raise ``CapacityError`` with what is needed and what
+    there is. Nothing is started before: the run's state stays as it was."""
+    timeout = cfg.ray.capacity_timeout_s
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        have = placeable_workers(cfg.ray.cpus_per_worker, cfg.ray.use_gpu)
+        if have >= workers.min:
+            return
+        if time.monotonic() >= deadline:
+            raise CapacityError(
+                f"{phase_need(cfg, what, workers)}; the cluster holds {have} and did not grow within "
+                f"ray.capacity_timeout_s={timeout:g} s. Add nodes (or let the autoscaler) and re-run the "
+                "same command to resume, or lower the minimum"
+            )
+        if not said:
+            log(f"{what}: waiting up to {timeout:g} s for capacity ({have} of {workers.min} worker(s))")
+            said = True
+        time.sleep(poll_s)
+
+
+def stop_fit(board, stage: str) -> bool:
+    """Stop the running fit of ``stage`` by killing its Ray Train controller (its rank 0 hands the handle
+    to the board); ``fit()`` then raises on the driver, and Ray's placement-group cleaner frees its
+    workers. Ray Train's own abort (its SIGINT handler) waits on the controller, which does not answer
+    while it retries a worker-group start. Returns whether there was a controller to stop."""
+    import ray
+
+    handle = ray.get(board.controller.remote(stage), timeout=30) if board is not None else None
+    if handle is None:
+        return False
+    ray.kill(handle, no_restart=True)
+    return True
+
+
+class CapacityWatch:
+    """During a fit: if the cluster stays below the phase's minimum for ``ray.capacity_timeout_s`` (a lost
+    node nobody replaces; Ray itself would wait forever), stop the fit (``stop_fit``) and remember why."""
+
+    def __init__(self, cfg, what: str, workers, board, log=print, poll_s: float = 2.0):
+        self.cfg, self.what, self.workers, self.poll_s = cfg, what, workers, poll_s
+        self.board, self.log = board, log
+        self.fired: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"capacity-{what}", daemon=True)
+
+    def __enter__(self) -> "CapacityWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        below_since = None
+        timeout = self.cfg.ray.capacity_timeout_s
+        while not self._stop.wait(self.poll_s):
+            try:
+                have = placeable_workers(self.cfg.ray.cpus_per_worker, self.cfg.ray.use_gpu)
+            except Exception:  # noqa: BLE001  (the GCS briefly unreachable: look again)
+                continue
+            if have >= self.workers.min:
+                below_since = None
+                continue
+            below_since = below_since or time.monotonic()
+            if time.monotonic() - below_since >= timeout:
+                self.fired = (
+                    f"{phase_need(self.cfg, self.what, self.workers)}; the cluster has held only {have} for "
+                    f"ray.capacity_timeout_s={timeout:g} s, so the fit was stopped. Add nodes and re-run "
+                    "the same command: it resumes from the last checkpoint"
+                )
+                self.log(
+                    f"{self.what}: {have} of {self.workers.min} worker(s) for {timeout:g} s: stopping the fit"
+                )
+                try:
+                    stopped = stop_fit(self.board, self.what)
+                except Exception as e:  # noqa: BLE001
+                    stopped, why = False, f"{type(e).__name__}: {e}"
+                else:
+                    why = "its workers never started"
+                if not stopped:
+                    self.log(f"warning: could not stop the fit of {self.what} ({why}); Ray keeps retrying")
+                return
+
+
+def check_capacity(cfg, local: bool) -> None:
+    """A local cluster never grows: a phase whose minimum workers it cannot hold fails now. (A remote
+    cluster gets ``ray.capacity_timeout_s`` at each phase, ``wait_for_capacity``.)"""
     if not local:
         return
-    res = ray.cluster_resources()
-    workers = cfg.ray.workers_large + (cfg.ray.workers_small if cfg.ray.standby and cfg.growth.enabled else 0)
-    need_cpu = workers * cfg.ray.cpus_per_worker
-    what = f"ray.workers_large={cfg.ray.workers_large}" + (
-        f" + ray.workers_small={cfg.ray.workers_small} (ray.standby)"
-        if workers > cfg.ray.workers_large
-        else ""
-    )
-    require(
-        need_cpu <= res.get("CPU", 0),
-        f"{what} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} needs {need_cpu:g} CPUs but the cluster has "
-        f"{res.get('CPU', 0):g}; lower them, raise ray.local_cpus, or set ray.standby=false",
-    )
-    require(
-        not cfg.ray.use_gpu or workers <= res.get("GPU", 0),
-        f"ray.use_gpu with {what} needs {workers} GPUs; the cluster has {res.get('GPU', 0):g}"
-        + ("; or set ray.standby=false" if workers > cfg.ray.workers_large else ""),
-    )
+    have = placeable_workers(cfg.ray.cpus_per_worker, cfg.ray.use_gpu)
+    for key, workers in (("ray.workers_small", cfg.ray.small), ("ray.workers_large", cfg.ray.large)):
+        require(
+            workers.min <= have,
+            f"{key}={workers} needs {workers.min} worker(s) of {cfg.ray.cpus_per_worker:g} CPU"
+            + (" + 1 GPU" if cfg.ray.use_gpu else "")
+            + f" but this local cluster holds {have}; lower it or raise ray.local_cpus",
+        )
+
+
+def standby_fits(cfg) -> bool:
+    """Standby phase 2 holds both phases' workers during phase 1: only where the cluster has room for both
+    at their maximum (else the two fits would wait on each other)."""
+    need = cfg.ray.small.max + cfg.ray.large.max
+    return placeable_workers(cfg.ray.cpus_per_worker, cfg.ray.use_gpu) >= need

@@ -45,21 +45,65 @@ class TuneSection:
 
 
 @dataclass(frozen=True)
+class WorkerRange:
+    """A phase's workers: ``min == max`` is a fixed-size fit; otherwise an elastic one, which starts
+    with what the cluster can place (at least ``min``) and resizes as nodes come and go."""
+
+    min: int
+    max: int
+
+    @property
+    def elastic(self) -> bool:
+        return self.min != self.max
+
+    def num_workers(self) -> int | tuple[int, int]:
+        """What Ray Train's ``ScalingConfig(num_workers=...)`` takes."""
+        return (self.min, self.max) if self.elastic else self.max
+
+    def __str__(self) -> str:
+        return f"{self.min}-{self.max}" if self.elastic else str(self.max)
+
+
+def worker_range(value: int | tuple[int, int], key: str) -> WorkerRange:
+    lo, hi = (value, value) if isinstance(value, int) else value
+    shown = value if isinstance(value, int) else list(value)  # as the YAML said it
+    require(1 <= lo <= hi, f"{key} must be a count >= 1 or [min, max] with 1 <= min <= max, got {shown}")
+    return WorkerRange(lo, hi)
+
+
+@dataclass(frozen=True)
 class RaySection:
     address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local cluster
     local_cpus: int = 4  # logical CPUs of the local cluster started when no address is given
-    workers_small: int = 1  # phase 1 (the small model)
-    workers_large: int = 2  # phase 2 and the baseline
+    # Workers: a count, or [min, max] for an elastic fit that survives losing nodes (the global batch
+    # stays the same at every size in the range).
+    workers_small: int | tuple[int, int] = 1  # phase 1 (the small model)
+    workers_large: int | tuple[int, int] = 2  # phase 2 and the baseline
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    max_failures: int = 1
+    max_failures: int = 1  # worker or node failures a fit survives (each resumes from a checkpoint)
+    max_preemption_failures: int = 8  # node drains (spot reclaims) a fit survives, counted apart; -1: any
     num_to_keep: int = 2
     prewarm: bool = True  # hold a pending phase-2 placement group during phase 1 (when standby is off)
     # Start phase 2's workers during phase 1; they wait for its checkpoint, so the switch at tau skips the
-    # worker-group start. Holds workers_small + workers_large workers' resources at once during phase 1.
+    # worker-group start. Used only where the cluster (or its autoscaler) can hold both phases' maximum
+    # workers at once; otherwise the pre-warm placement group.
     standby: bool = True
     worker_start_timeout_s: float = 120.0  # fail fast when workers cannot be placed
+    # A phase whose minimum workers the cluster cannot hold (nor autoscale to) for this long stops the
+    # pipeline with exit 2 and its state kept: the same command resumes once capacity is back.
+    capacity_timeout_s: float = 600.0
+    handoff_timeout_s: float = 86400.0  # standby phase 2 gives up waiting for phase 1's checkpoint
+    resize_check_s: float = 60.0  # an elastic fit looks for room to grow this often
     gpu_memory_gb: float = 80.0  # per GPU: the memory preflight refuses a phase whose estimate exceeds it
+
+    @property
+    def small(self) -> WorkerRange:
+        return worker_range(self.workers_small, "ray.workers_small")
+
+    @property
+    def large(self) -> WorkerRange:
+        return worker_range(self.workers_large, "ray.workers_large")
 
 
 @dataclass(frozen=True)
@@ -81,12 +125,19 @@ class PipelineConfig(RunConfig):
     mlflow: MlflowSection = MlflowSection()
 
     def validate(self, world_size: int = 1) -> "PipelineConfig":
-        super().validate(world_size=self.ray.workers_small)
+        super().validate(world_size=self.ray.small.max)
         r, t = self.ray, self.tune
-        require(r.workers_small >= 1, f"ray.workers_small must be >= 1, got {r.workers_small}")
+        small, large = r.small, r.large
         require(
-            r.workers_large >= r.workers_small,
-            f"ray.workers_large ({r.workers_large}) must be >= ray.workers_small ({r.workers_small})",
+            large.max >= small.max,
+            f"ray.workers_large ({large}) must reach at least ray.workers_small ({small})",
+        )
+        require(
+            r.capacity_timeout_s > 0 and r.handoff_timeout_s > 0 and r.resize_check_s > 0,
+            "ray.capacity_timeout_s, ray.handoff_timeout_s and ray.resize_check_s must be > 0",
+        )
+        require(
+            r.max_preemption_failures >= -1, "ray.max_preemption_failures must be >= 0, or -1 for no limit"
         )
         require(r.cpus_per_worker > 0, f"ray.cpus_per_worker must be > 0, got {r.cpus_per_worker}")
         require(
@@ -115,18 +166,10 @@ class PipelineConfig(RunConfig):
         if self.growth.enabled:
             check_batch(
                 self.phase2_batch_tokens,
-                r.workers_large,
-                self.train.micro_batch,
                 self.units_per_example,
                 "growth.batch_tokens_after",
-            )
-        if self.baseline.enabled:
-            check_batch(
-                self.train.batch_tokens,
-                r.workers_large,
-                self.train.micro_batch,
-                self.units_per_example,
-                "train.batch_tokens (the baseline runs on ray.workers_large)",
+                micro_batch=self.train.micro_batch,
+                world_size=large.max,
             )
         ls = t.lr_search
         require(
@@ -140,13 +183,13 @@ class PipelineConfig(RunConfig):
         Phases and probes derive theirs from it with ``dataclasses.replace``."""
         return RunConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RunConfig)})
 
-    def fixed_size_workers(self) -> int:
-        """Workers for a fixed-size run at ``train.batch_tokens`` (baseline, or the no-saving verdict):
-        the most, up to ``ray.workers_large``, that split the batch evenly."""
+    def fixed_size_workers(self) -> WorkerRange:
+        """Workers for a fixed-size run at ``train.batch_tokens`` (the baseline, or the no-saving verdict):
+        ``ray.workers_large``, at most one per micro-batch of that (smaller) batch."""
+        large = self.ray.large
         per_worker = self.train.micro_batch * self.units_per_example
-        return max(
-            w for w in range(1, self.ray.workers_large + 1) if self.train.batch_tokens % (w * per_worker) == 0
-        )
+        most = max(1, -(-self.train.batch_tokens // per_worker))
+        return WorkerRange(min(large.min, most), min(large.max, most))
 
     @property
     def phase2_batch_tokens(self) -> int:

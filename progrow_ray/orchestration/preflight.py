@@ -30,8 +30,9 @@ class PhaseMemory:
 
 def phases(cfg: PipelineConfig, world: int | None = None) -> list[tuple[str, Any, int]]:
     """(phase, model config, workers) of each training phase of ``cfg``: the deepest model before τ on
-    ``ray.workers_small``, the target on ``ray.workers_large`` (and the baseline). ``world``: one run of
-    that many ranks (``progrow_ray.train``)."""
+    ``ray.workers_small``, the target on ``ray.workers_large`` (and the baseline). An elastic phase at its
+    minimum, where each rank holds the most under fsdp. ``world``: one run of that many ranks
+    (``progrow_ray.train``)."""
     target = cfg.target_model_config()
     if world is not None:
         return [("train", target, world)]
@@ -39,12 +40,12 @@ def phases(cfg: PipelineConfig, world: int | None = None) -> list[tuple[str, Any
     if cfg.growth.enabled:
         stages = cfg.growth.stages
         before = stages[-1]["depth"] if stages else cfg.growth.source_depth
-        out.append(("phase 1", target.with_depth(before), r.workers_small))
-        out.append(("phase 2", target, r.workers_large))
+        out.append(("phase 1", target.with_depth(before), r.small.min))
+        out.append(("phase 2", target, r.large.min))
         if cfg.baseline.enabled:
-            out.append(("baseline", target, r.workers_large))
+            out.append(("baseline", target, cfg.fixed_size_workers().min))
     else:
-        out.append(("fixed-size", target, r.workers_large))
+        out.append(("fixed-size", target, cfg.fixed_size_workers().min))
     return out
 
 
@@ -83,16 +84,17 @@ def check_memory(cfg: PipelineConfig, world: int | None = None) -> list[PhaseMem
     return rows
 
 
-def phase_parallel(cfg: PipelineConfig, run_cfg, phase: str, workers: int):
-    """``run_cfg`` with ``train.parallel`` decided for ``phase`` on ``workers`` (the preflight's choice on
-    GPUs, ddp otherwise), so every rank of the phase runs the same mode."""
+def phase_parallel(cfg: PipelineConfig, run_cfg, phase: str, workers):
+    """``run_cfg`` with ``train.parallel`` decided for ``phase`` on ``workers`` (a ``WorkerRange``; the
+    preflight's choice at its minimum on GPUs, ddp otherwise), so every rank of the phase, at every size
+    an elastic fit takes, runs the same mode."""
     from dataclasses import replace
 
     names = {"phase1": "phase 1", "phase2": "phase 2", "baseline": "baseline", "fixed": "fixed-size"}
     models = {p: m for p, m, _ in phases(cfg)}
     model_config = models.get(names.get(phase, phase), run_cfg.target_model_config())
     limit = cfg.ray.gpu_memory_gb * GB if cfg.ray.use_gpu else None
-    mode = resolve_parallel(run_cfg, model_config, workers, limit)
+    mode = resolve_parallel(run_cfg, model_config, workers.min, limit)
     return replace(run_cfg, train=replace(run_cfg.train, parallel=mode))
 
 

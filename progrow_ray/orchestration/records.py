@@ -22,6 +22,8 @@ class TrackedRun:
     params: dict
     tags: dict
     run_id: str | None = None  # "disabled" when tracking was off
+    live_step: int | None = None  # the newest step streamed while the phase ran (the rest comes at its end)
+    closed: bool = False  # the run holds the whole phase and is ended
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class PhaseResult:
     mlflow: TrackedRun
     phase_switch_s: float | None = None  # phase 2: from phase 1's end to the expansion
     phase_switch_breakdown: dict | None = None
+    # each restart of the worker group (progress.ElasticLog): time, tokens, from/to workers, cause, tokens
+    # recomputed, wall time lost
+    elastic_events: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -52,7 +57,8 @@ class PhaseResult:
     @classmethod
     def from_json(cls, data: dict) -> "PhaseResult":
         # state files written before phases kept their MLflow params: tracked again with none
-        tracked = data.get("mlflow") or {"params": {}, "tags": {}}
+        tracked = dict(data.get("mlflow") or {"params": {}, "tags": {}})
+        tracked.setdefault("closed", bool(tracked.get("run_id")))  # older files: a run id meant done
         return cls(**{**_known(cls, data), "mlflow": TrackedRun(**_known(TrackedRun, tracked))})
 
     # the columns of the report's phase table
@@ -153,6 +159,7 @@ class PipelineState:
     lr_search: LrSearchResult | None = None
     tau_search: SearchResult | None = None
     phases: dict = field(default_factory=dict)  # name -> PhaseResult, in the order they finished
+    live_runs: dict = field(default_factory=dict)  # name -> the MLflow run a phase streams to from its start
     mlflow_progressive_run_id: str | None = None
     done: bool = False
 
@@ -163,6 +170,7 @@ class PipelineState:
             "lr_search": self.lr_search.to_json() if self.lr_search else None,
             "tau_search": self.tau_search.to_json() if self.tau_search else None,
             "phases": {k: p.to_json() for k, p in self.phases.items()},
+            "live_runs": self.live_runs,
             "mlflow_progressive_run_id": self.mlflow_progressive_run_id,
             "done": self.done,
         }
@@ -177,6 +185,7 @@ class PipelineState:
             lr_search=LrSearchResult(**data["lr_search"]) if data.get("lr_search") else None,
             tau_search=SearchResult.from_json(data["tau_search"]) if data.get("tau_search") else None,
             phases={k: PhaseResult.from_json(p) for k, p in data.get("phases", {}).items()},
+            live_runs=dict(data.get("live_runs") or {}),
             mlflow_progressive_run_id=data.get("mlflow_progressive_run_id"),
             done=bool(data.get("done")),
         )

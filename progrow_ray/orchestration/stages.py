@@ -8,6 +8,8 @@ stage, and an interrupted phase resumes from its last committed checkpoint.
 
 from __future__ import annotations
 
+import json
+import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +19,8 @@ from ..engine.config import RunConfig, to_dict
 from ..integrations.storage import RayStorage, join, read_json, write_bytes, write_json
 from ..integrations.tracking import ARM_TAG, PIPELINE_TAG, Tracker
 from ..report import MlflowRefs, Report, build_report, own_events, report_files
-from .config import PipelineConfig
+from .cluster import CapacityError, CapacityWatch, standby_fits, wait_for_capacity
+from .config import PipelineConfig, WorkerRange
 from .phases import PhaseOutcome, run_phase
 from .preflight import phase_parallel
 from .records import PhaseResult, PipelineState, SearchResult, TrackedRun
@@ -40,14 +43,21 @@ class StateFile:
     def __init__(self, uri: str):
         self.uri = uri
         self.state = PipelineState.from_json(read_json(uri))
+        self._lock = threading.RLock()  # a standby phase 2 records from its own thread
 
     def update(self, **changes) -> PipelineState:
-        self.state = replace(self.state, **changes)
-        write_json(self.uri, self.state.to_json())
-        return self.state
+        with self._lock:
+            self.state = replace(self.state, **changes)
+            write_json(self.uri, self.state.to_json())
+            return self.state
 
     def add_phase(self, phase: PhaseResult) -> None:
-        self.update(phases={**self.state.phases, phase.name: phase})
+        with self._lock:
+            self.update(phases={**self.state.phases, phase.name: phase})
+
+    def set_live_run(self, name: str, run_id: str) -> None:
+        with self._lock:
+            self.update(live_runs={**self.state.live_runs, name: run_id})
 
 
 def check_same_run(cfg: PipelineConfig, state: PipelineState) -> None:
@@ -259,18 +269,23 @@ def main_run_stage(run: PipelineRun, search: SearchResult) -> list[PhaseResult]:
     run_cfg = main_run_config(run, search)
     done = run.state.state.phases
     if run.cfg.ray.standby and "phase1" not in done and "phase2" not in done:
-        return progressive_with_standby(run, run_cfg, search.tau_tokens)
-    # phase 1 goes to MLflow once phase 2 runs: nothing but Ray stands between τ and phase 2
+        if standby_fits(run.cfg):
+            return progressive_with_standby(run, run_cfg, search.tau_tokens)
+        run.console.info(
+            f"standby off: the cluster cannot hold phase 1's {run.cfg.ray.small.max} and phase 2's "
+            f"{run.cfg.ray.large.max} worker(s) at once; phase 2's workers are pre-warmed instead"
+        )
+    # phase 1 is closed in MLflow once phase 2 runs: nothing but Ray stands between τ and phase 2
     p1 = train_phase(
         run,
         "phase1",
         run_cfg,
-        workers=run.cfg.ray.workers_small,
+        workers=run.cfg.ray.small,
         until=search.tau_tokens,
         prewarm=True,
         track=False,
     )
-    p2 = train_phase(run, "phase2", run_cfg, workers=run.cfg.ray.workers_large, start_from=p1.checkpoint_uri)
+    p2 = train_phase(run, "phase2", run_cfg, workers=run.cfg.ray.large, start_from=p1.checkpoint_uri)
     return [p1, p2]
 
 
@@ -280,7 +295,7 @@ def progressive_with_standby(run: PipelineRun, run_cfg: RunConfig, tau: int) -> 
     handoff = Handoff(run.storage.child(f"{cfg.name}-phase2-handoff.json"))
     standby = StandbyFit(
         lambda: train_phase(
-            run, "phase2", run_cfg, workers=cfg.ray.workers_large, handoff=handoff.uri, announce=False
+            run, "phase2", run_cfg, workers=cfg.ray.large, handoff=handoff.uri, announce=False
         )
     )
     try:
@@ -288,17 +303,17 @@ def progressive_with_standby(run: PipelineRun, run_cfg: RunConfig, tau: int) -> 
             run,
             "phase1",
             run_cfg,
-            workers=cfg.ray.workers_small,
+            workers=cfg.ray.small,
             until=tau,
             track=False,
-            note=f"phase 2 waits on {cfg.ray.workers_large} standby worker(s)",
+            note=f"phase 2 waits on {cfg.ray.large} standby worker(s)",
         )
     except BaseException as e:
         handoff.abort(f"phase 1 failed: {type(e).__name__}")
         standby.release(timeout_s=60)  # phase 1's own error is the one to report
         raise
     handoff.give(p1.checkpoint_uri)
-    announce_phase(run, "phase2", run_cfg, cfg.ray.workers_large)
+    announce_phase(run, "phase2", run_cfg, cfg.ray.large)
     return [p1, standby.result()]
 
 
@@ -311,13 +326,15 @@ def baseline_stage(run: PipelineRun) -> PhaseResult | None:
         run,
         "baseline",
         fixed_size_config(run),
-        workers=run.cfg.ray.workers_large,
+        workers=run.cfg.fixed_size_workers(),
         tags={"progrow.phase": "baseline"},
     )
 
 
 # ---- one phase ------------------------------------------------------------------------------------
-def announce_phase(run: PipelineRun, name: str, run_cfg: RunConfig, workers: int, note: str = "") -> None:
+def announce_phase(
+    run: PipelineRun, name: str, run_cfg: RunConfig, workers: WorkerRange, note: str = ""
+) -> None:
     """The stage header of a phase: what trains where, on which batch, up to where."""
     batch = (run_cfg.growth.batch_tokens_after if name == "phase2" else None) or run_cfg.train.batch_tokens
     run.console.stage(
@@ -331,7 +348,7 @@ def train_phase(
     name: str,
     run_cfg: RunConfig,
     *,
-    workers: int,
+    workers: WorkerRange,
     until: int | None = None,
     start_from: str | None = None,
     handoff: str | None = None,
@@ -341,7 +358,9 @@ def train_phase(
     announce: bool = True,
     note: str = "",
 ) -> PhaseResult:
-    """One Ray Train fit (skipped when an earlier attempt finished it), recorded in the state file."""
+    """One Ray Train fit (skipped when an earlier attempt finished it), recorded in the state file. Its
+    MLflow run exists from the start and receives the metrics while the fit runs; ``track``: close it
+    (with the params, tags and anything not streamed) when the fit ends, else in the tracking stage."""
     from .prewarm import PhaseTwoPrewarm
     from .progress import watch
 
@@ -356,10 +375,28 @@ def train_phase(
     phase1 = done.get("phase1") if name == "phase2" else None
     # standby: phase 1 has not finished yet, phase 2 starts at τ
     first = phase1.tokens_end if phase1 else (run_cfg.growth.tau_tokens or 0) if name == "phase2" else 0
-    warm = PhaseTwoPrewarm(cfg) if (prewarm and cfg.ray.prewarm) else None
+    wait_for_capacity(cfg, name, workers, log=run.console.info)
+    live_run = live_mlflow_run(run, name, run_cfg)
+    warm: list = []  # the phase-2 pre-warm, asked for at phase 1's first step
+
+    def on_first_step() -> None:
+        if prewarm and cfg.ray.prewarm and not warm:
+            warm.append(PhaseTwoPrewarm(cfg))
+
+    capacity = CapacityWatch(cfg, name, workers, run.board, log=run.console.info)
     try:
-        with watch(
-            run.board, name, run.console, start_tokens=first, end_tokens=until or cfg.train.total_tokens
+        with (
+            watch(
+                run.board,
+                name,
+                run.console,
+                start_tokens=first,
+                end_tokens=until or cfg.train.total_tokens,
+                tracker=run.tracker,
+                run_id=live_run,
+                on_first_step=on_first_step,
+            ) as live,
+            capacity,
         ):
             outcome = run_phase(
                 name,
@@ -373,9 +410,13 @@ def train_phase(
                 handoff=handoff,
                 board=run.board,
             )
+    except BaseException as e:
+        if capacity.fired:  # the watch stopped a fit that could not go on: one line, exit 2, state kept
+            raise CapacityError(capacity.fired) from e
+        raise
     finally:
-        if warm is not None:
-            warm.release()
+        for w in warm:
+            w.release()
     phase1 = run.state.state.phases.get("phase1") if name == "phase2" else None
     result = phase_result(
         outcome,
@@ -386,10 +427,14 @@ def train_phase(
                 "progrow.phase": name,
                 "progrow.depth": outcome.result.depth,
                 **arm_tags(run, name),
-                "progrow.workers": workers,
+                "progrow.workers": outcome.workers,
+                "progrow.worker_range": str(workers),
                 **(tags or {}),
             },
+            run_id=live_run,
+            live_step=live.streamed_step,
         ),
+        live.elastic.events,
     )
     run.state.add_phase(result)
     if track:
@@ -410,7 +455,24 @@ def arm_tags(run: PipelineRun, name: str) -> dict:
     return {ARM_TAG: arm, PIPELINE_TAG: run.pipeline_tag} if arm else {}
 
 
-def phase_result(outcome: PhaseOutcome, phase1: PhaseResult | None, mlflow: TrackedRun) -> PhaseResult:
+def live_mlflow_run(run: PipelineRun, name: str, run_cfg: RunConfig) -> str | None:
+    """The phase's MLflow child run, created when the phase starts (and reused when it resumes), so its
+    metrics are visible while it trains."""
+    rid = run.state.state.live_runs.get(name)
+    if rid is None:
+        rid = run.tracker.start_run(
+            name,
+            parent_id=run.parent,
+            params=to_dict(run_cfg),
+            tags={"progrow.phase": name, **arm_tags(run, name)},
+        )
+        run.state.set_live_run(name, rid or "disabled")
+    return None if rid in (None, "disabled") else rid
+
+
+def phase_result(
+    outcome: PhaseOutcome, phase1: PhaseResult | None, mlflow: TrackedRun, elastic_events: list
+) -> PhaseResult:
     """A fit's outcome as the pipeline keeps it; phase 2 counts only its own tokens, FLOPs and events
     (it resumes phase 1's checkpoint, whose history it carries)."""
     r = outcome.result
@@ -434,6 +496,7 @@ def phase_result(outcome: PhaseOutcome, phase1: PhaseResult | None, mlflow: Trac
         mlflow=mlflow,
         phase_switch_s=switch_s,
         phase_switch_breakdown=breakdown,
+        elastic_events=elastic_events,
     )
 
 
@@ -465,16 +528,37 @@ def tracking_stage(run: PipelineRun) -> None:
 
 
 def track_phase(run: PipelineRun, name: str) -> None:
-    """One MLflow child run per phase, once (the run id is kept in the state file)."""
+    """Close the phase's MLflow child run, once: its tags, what was not streamed live (the whole history
+    when it did not stream), the elastic events; the run id is kept in the state file."""
     phase = run.state.state.phases[name]
-    if phase.mlflow.run_id:
+    tracked = phase.mlflow
+    if tracked.closed:
         return
-    rid = run.tracker.start_run(
-        name, parent_id=run.parent, params=phase.mlflow.params, tags=phase.mlflow.tags
-    )
-    run.tracker.log_history(rid, phase.history)
+    rid = tracked.run_id
+    if rid in (None, "disabled"):
+        rid = run.tracker.start_run(name, parent_id=run.parent, params=tracked.params, tags=tracked.tags)
+        history = phase.history
+    else:
+        run.tracker.set_tags(rid, tracked.tags)
+        after = -1 if tracked.live_step is None else tracked.live_step
+        history = [e for e in phase.history if e.get("event") not in ("train", "eval") or e["step"] > after]
+    run.tracker.log_history(rid, history)
+    if phase.elastic_events:
+        run.tracker.log_files(
+            rid, {"elastic_events.json": json.dumps(phase.elastic_events, indent=1).encode()}
+        )
+    run.tracker.log_metrics(rid, elastic_summary(phase.elastic_events))
     run.tracker.end(rid)
-    run.state.add_phase(replace(phase, mlflow=replace(phase.mlflow, run_id=rid or "disabled")))
+    run.state.add_phase(replace(phase, mlflow=replace(tracked, run_id=rid or "disabled", closed=True)))
+
+
+def elastic_summary(events: list) -> dict:
+    """What the elastic events cost a phase, as MLflow metrics."""
+    return {
+        "elastic_restarts": len(events),
+        "tokens_recomputed": sum(e["tokens_recomputed"] for e in events),
+        "restart_wall_lost_s": sum(e["wall_lost_s"] or 0.0 for e in events),
+    }
 
 
 def track_progressive(run: PipelineRun) -> None:

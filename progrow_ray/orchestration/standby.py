@@ -29,14 +29,21 @@ class Handoff:
     def read(self) -> dict | None:
         return read_json(self.uri)
 
-    def wait(self, poll_s: float = 0.1) -> str:
-        """Block until the driver hands over phase 1's checkpoint; return its URI."""
+    def wait(self, timeout_s: float, poll_s: float = 0.1) -> str:
+        """Block until the driver hands over phase 1's checkpoint (at most ``timeout_s``: a driver that
+        died must not hold the standby workers forever); return its URI."""
+        deadline = time.monotonic() + timeout_s
         while True:
             msg = self.read()
             if msg is not None:
                 if "abort" in msg:
                     raise RuntimeError(f"standby phase 2 released without a checkpoint: {msg['abort']}")
                 return msg["checkpoint_uri"]
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    "standby phase 2 had no checkpoint from phase 1 after "
+                    f"ray.handoff_timeout_s={timeout_s:g} s"
+                )
             time.sleep(poll_s)
 
 

@@ -119,7 +119,16 @@ MUTATIONS = [
     (
         "too few GPUs",
         lambda d: [g.update(maxReplicas=1) for g in d["spec"]["rayClusterSpec"]["workerGroupSpecs"]],
-        "needs 10 workers at once (ray.workers_large=8 + ray.workers_small=2 (ray.standby))",
+        "with ray.standby holds phase 1's 2 and phase 2's 8 workers of 8 CPU + 1 GPU at once, 10 in all",
+    ),
+    (
+        "an elastic maximum out of reach",
+        lambda d: d["spec"].__setitem__(
+            "entrypoint",
+            d["spec"]["entrypoint"] + " --set ray.workers_large=[8,32] --set ray.cpus_per_worker=32",
+        ),
+        "ray.workers_large=8-32 asks for 32 workers of 32 CPU + 1 GPU but the worker groups hold at most 16 "
+        "(gpu-h100x8 8 x 2): raise gpu-h100x8's maxReplicas by 8",
     ),
     (
         "no probe pod",
@@ -164,6 +173,47 @@ def test_deploy_check_cli_exit_codes(tmp_path):
         cwd=ROOT,
     )
     assert bad.returncode == 1 and "'entrypont' was unexpected" in bad.stdout
+
+
+def test_deploy_check_preset_checks_every_cluster_against_a_presets_phases(tmp_path):
+    """``--preset``: the RayCluster as well as the RayJob, against that preset's worker ranges and standby."""
+    manifests = [str(K8S / "raycluster.yaml"), str(RAYJOB)]
+    for preset in GPU_PRESETS:  # the shipped clusters hold every GPU preset
+        ok = subprocess.run(
+            [sys.executable, "-m", "progrow_ray.deploy_check", "--preset", str(preset), *manifests],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert ok.returncode == 0 and "0 problem(s)" in ok.stdout, ok.stdout
+    big = yaml.safe_load((ROOT / "jobs" / "gpt2-124m.yaml").read_text())
+    big["ray"].update(workers_small=[8, 16], workers_large=[8, 64])  # 16 + 64 with standby > 72
+    big["train"]["micro_batch"] = 1  # a micro-batch for each of 64 workers
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(big))
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "progrow_ray.deploy_check",
+            "--preset",
+            str(tmp_path / "big.yaml"),
+            *manifests,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 1 and bad.stdout.count("holds phase 1's 16 and phase 2's 64 workers") == 2
+    assert "raise gpu-h100x8's maxReplicas by 1, or set ray.standby=false" in bad.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "progrow_ray.deploy_check", "--preset", "jobs/nope.yaml", *manifests],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert (
+        missing.returncode == 2 and missing.stderr.strip() == "error: --preset jobs/nope.yaml: no such file"
+    )
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
@@ -300,7 +350,7 @@ def test_launcher_gpu_types_declare_their_gpus_and_fit_every_preset(launcher):
     assert sum(n for _, _, n in launchable.values()) <= cfg["max_workers"]
     for preset in GPU_PRESETS:
         r = load_run_config(preset, [], cls=PipelineConfig).ray
-        assert r.workers_large + r.workers_small <= capacity, preset.stem  # phase 2 + standby phase 1
+        assert r.large.max + r.small.max <= capacity, preset.stem  # phase 2 + standby phase 1
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -670,9 +720,9 @@ def test_rayjob_cluster_fits_every_gpu_preset(tmp_path, preset):
     for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
         lim = g["template"]["spec"]["containers"][0]["resources"]["limits"]
         holds += g["maxReplicas"] * min(int(lim["nvidia.com/gpu"]), int(lim["cpu"]) // int(r.cpus_per_worker))
-    assert holds >= r.workers_large + r.workers_small
+    assert holds >= r.large.max + r.small.max
     # phase 2 fills whole 8-GPU pods: its all-reduce leaves a pod only between pods
-    assert r.workers_large % 8 == 0
+    assert r.large.min % 8 == 0 and r.large.max % 8 == 0
 
 
 @pytest.mark.cluster

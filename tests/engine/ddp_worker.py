@@ -9,9 +9,11 @@ import torch.distributed as dist
 
 def main(rank: int, world: int, port: int, data_uri: str, out: str, result_path: str) -> None:
     from progrow_ray.engine import Trainer
+    from progrow_ray.engine.parallel import end_process_group
     from tests.engine.conftest import make_cfg
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    clean = False
     try:
         events = []
         cfg = make_cfg(data_uri, out, growth={"tau_frac": 0.25, "batch_tokens_after": 1024})
@@ -25,8 +27,9 @@ def main(rank: int, world: int, port: int, data_uri: str, out: str, result_path:
                     },
                     fh,
                 )
+        clean = True
     finally:
-        dist.destroy_process_group()
+        end_process_group(clean)
 
 
 if __name__ == "__main__":

@@ -140,9 +140,12 @@ def count_splits() -> list:
 
 
 def main(result_path: str, what: str) -> None:
+    from progrow_ray.engine.parallel import end_process_group
+
     torch.set_num_threads(1)
     splits = count_splits()
     dist.init_process_group("gloo")
+    clean = False
     try:
         torch.manual_seed(0)
         result = {}
@@ -160,8 +163,9 @@ def main(result_path: str, what: str) -> None:
         if dist.get_rank() == 0:
             with open(result_path, "w") as fh:
                 json.dump(result, fh)
+        clean = True
     finally:
-        dist.destroy_process_group()
+        end_process_group(clean)
 
 
 if __name__ == "__main__":

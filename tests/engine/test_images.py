@@ -9,6 +9,7 @@ from progrow_ray.core.models import ResNetConfig
 from progrow_ray.data.images import SyntheticImageData, synthetic_images
 from progrow_ray.engine import Trainer
 from progrow_ray.engine.config import RunConfig, from_dict
+from progrow_ray.engine.step import plan_batch
 from progrow_ray.engine.trainer import default_manager
 
 
@@ -30,10 +31,11 @@ def test_synthetic_images_are_deterministic_and_learnable():
 def test_every_rank_takes_its_slice_of_the_same_global_batch():
     one = SyntheticImageData(classes=10, image_size=16, noise=1.0, seed=0)
     whole = [one.next_batch(8)[0] for _ in range(2)]
-    for world in (2, 4):
+    for world in (2, 3, 4):
         ranks = [SyntheticImageData(classes=10, image_size=16, noise=1.0, seed=0) for _ in range(world)]
+        plans = [plan_batch(8, 2, rank, world, same_count=False) for rank in range(world)]
         for step in range(2):
-            parts = [r.next_batch(8, rank, world)[0] for rank, r in enumerate(ranks)]
+            parts = [r.next_batch(8, p.first, p.count)[0] for r, p in zip(ranks, plans) if p.sizes]
             assert torch.equal(torch.cat(parts), whole[step])
 
 

@@ -88,6 +88,40 @@ def test_fsdp_and_ddp_equal_one_process_through_an_expansion(prepared, tmp_path)
         assert ddp[0] == [estimate(cfg, cfg.target_model_config(), 2, "ddp", cuda=False).parameters] * 2
 
 
+@pytest.mark.slow
+def test_a_world_size_that_does_not_divide_the_batch_trains_the_same_update(prepared, tmp_path):
+    """An elastic phase may resize to 3 workers: 16 sequences in micro-batches of 3 (3,3,3,3,3,1) dealt
+    2/2/2 with unequal sizes, weighted by their examples, on 3 ranks under ddp and fsdp (fsdp pads no
+    rank here; the plan tests cover that) give one process's losses through an expansion, gpt and moe."""
+    models = {k: MODELS[k] for k in ("gpt", "moe")}
+    train = {**TWENTY_STEPS, "micro_batch": 3}
+    runs = {
+        f"{kind}-{mode}": {
+            "model": model,
+            "train": {**train, "parallel": mode},
+            "optimizer": {"ns_split": False},
+        }
+        for kind, model in models.items()
+        for mode in ("ddp", "fsdp")
+    }
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"data": prepared, "out": str(tmp_path / "dist"), "runs": runs}))
+    run_ranks("tests.engine.parallel_worker", 3, str(spec), str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    for kind, model in models.items():
+        events = []
+        cfg = make_cfg(prepared, str(tmp_path / kind), model=model, train=train)
+        one = Trainer(cfg, on_metrics=events.append, log=lambda _: None).run()
+        losses = [e["train_loss"] for e in events if e["event"] == "train"]
+        assert len(losses) == 20
+        for mode in ("ddp", "fsdp"):
+            r = result[f"{kind}-{mode}"]
+            assert r["parallel"] == mode and r["depths"][10] == 2
+            for a, b in zip(r["losses"], losses, strict=True):
+                assert a == pytest.approx(b, rel=1e-5)
+            assert r["val_loss"] == pytest.approx(one.val_loss, rel=1e-5)
+
+
 def torchrun(config: Path, world: int, *extra: str) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
     cmd += ["--master_port", str(free_port()), "-m", "progrow_ray.train", "--config", str(config)]

@@ -132,7 +132,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_
 
 
 def test_bad_run_settings(prepared, tmp_path):
-    with pytest.raises(ConfigError, match="multiple of workers x train.micro_batch x data.seq_len"):
+    with pytest.raises(ConfigError, match=r"train.batch_tokens \(500\) must be a multiple of data.seq_len"):
         make_cfg(prepared, str(tmp_path), train={"batch_tokens": 500})
     with pytest.raises(ConfigError, match="not before the decay start"):
         make_cfg(prepared, str(tmp_path), growth={"tau_frac": 0.9})
@@ -157,7 +157,7 @@ def test_moe_trains_on_router_losses_but_reports_the_lm_loss():
     import copy
 
     from progrow_ray.core import build_model
-    from progrow_ray.engine.step import train_step
+    from progrow_ray.engine.step import plan_batch, train_step
 
     torch.manual_seed(0)
     model = build_model("moe", n_layer=1, vocab_size=96, block_size=16, n_embd=32, head_dim=16, n_experts=4)
@@ -165,9 +165,8 @@ def test_moe_trains_on_router_losses_but_reports_the_lm_loss():
     x = torch.randint(0, 96, (4, 16))
     y = torch.randint(0, 96, (4, 16))
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-    reported = train_step(
-        model, sgd, x, y, accum=2, device=torch.device("cpu"), autocast=contextlib.nullcontext
-    )
+    plan = plan_batch(4, 2, rank=0, world=1, same_count=False)
+    reported = train_step(model, sgd, x, y, plan, device=torch.device("cpu"), autocast=contextlib.nullcontext)
     ce, objective = [], []
     for i in range(2):  # the same two micro-batches by hand
         _, loss = twin(x[2 * i : 2 * i + 2], y[2 * i : 2 * i + 2])
@@ -179,3 +178,34 @@ def test_moe_trains_on_router_losses_but_reports_the_lm_loss():
     torch.optim.SGD(twin.parameters(), lr=1.0).step()
     router, twin_router = model.blocks[0].mlp.router.weight, twin.blocks[0].mlp.router.weight
     torch.testing.assert_close(router, twin_router)  # the router got the aux / z-loss gradients too
+
+
+def test_wall_clock_cadence_and_a_requested_checkpoint(prepared, tmp_path):
+    """train.checkpoint_every_s saves at the first logged step past the interval (here: every one), a
+    checkpoint request (a preemption notice) saves at the step it is made, and the run trains the same."""
+    from progrow_ray.engine.trainer import default_manager
+
+    base = {"total_tokens": 4096, "log_every": 2, "keep_checkpoints": 20}
+    ref_events = []
+    Trainer(
+        make_cfg(prepared, str(tmp_path / "ref"), train=base),
+        on_metrics=ref_events.append,
+        log=lambda _: None,
+    ).run()
+    timed_cfg = make_cfg(prepared, str(tmp_path / "timed"), train={**base, "checkpoint_every_s": 1e-9})
+    timed_events = []
+    Trainer(timed_cfg, on_metrics=timed_events.append, log=lambda _: None).run()
+    steps = sorted(default_manager(timed_cfg)._steps())
+    assert steps == [2, 4, 6, 8]  # every logged step before the end, and the end
+    asked, logged = [], []
+
+    def preemption() -> str | None:
+        asked.append(1)
+        return "preemption" if len(asked) == 2 else None  # the notice comes at the second logged step
+
+    asked_cfg = make_cfg(prepared, str(tmp_path / "asked"), train=base)
+    Trainer(asked_cfg, checkpoint_requested=preemption, log=logged.append).run()
+    assert sorted(default_manager(asked_cfg)._steps()) == [4, 8]
+    assert "checkpoint at 2,048 tokens (preemption)" in logged and len(asked) == 4
+    losses = lambda evs: [e["train_loss"] for e in evs if e["event"] == "train"]  # noqa: E731
+    assert losses(timed_events) == losses(ref_events)

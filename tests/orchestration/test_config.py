@@ -31,7 +31,7 @@ def test_presets_load():
     "override,match",
     [
         ("ray.workers_large=0", "workers_large"),
-        ("ray.workers_large=3", "multiple of workers"),
+        ("ray.workers_large=5", "fewer than the 5 workers"),
         ("tune.search_fraction=0", "search_fraction"),
         ("tune.typo=1", "unknown config key"),
         ("growth.enabled=false", "tune.enabled needs growth.enabled"),
@@ -130,7 +130,7 @@ def test_standby_handoff_round_trip_and_abort(tmp_path):
     handoff = Handoff(str(tmp_path / "h" / "handoff.json"))
     assert handoff.read() is None
     got = {}
-    t = threading.Thread(target=lambda: got.setdefault("ckpt", handoff.wait(0.01)))
+    t = threading.Thread(target=lambda: got.setdefault("ckpt", handoff.wait(timeout_s=60, poll_s=0.01)))
     t.start()
     time.sleep(0.1)
     assert t.is_alive()  # waiting: nothing handed over yet
@@ -139,19 +139,27 @@ def test_standby_handoff_round_trip_and_abort(tmp_path):
     assert got["ckpt"] == str(tmp_path / "ckpt")
     handoff.abort("phase 1 failed: RuntimeError")
     with pytest.raises(RuntimeError, match="phase 1 failed"):
-        handoff.wait(0.01)
+        handoff.wait(timeout_s=60, poll_s=0.01)
+    # a driver that never hands over does not hold the standby workers forever
+    with pytest.raises(TimeoutError, match="ray.handoff_timeout_s=0.05"):
+        Handoff(str(tmp_path / "never.json")).wait(timeout_s=0.05, poll_s=0.01)
 
 
-def test_standby_needs_both_phases_workers_on_the_cluster():
+def test_standby_only_where_both_phases_fit_and_a_local_cluster_refuses_a_minimum_it_cannot_hold():
     import ray
 
-    from progrow_ray.orchestration.cluster import check_capacity
+    from progrow_ray.orchestration.cluster import check_capacity, placeable_workers, standby_fits
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own cluster, never a running one
     try:
-        with pytest.raises(ConfigError, match="ray.standby"):
-            check_capacity(load("ray.local_cpus=2"), local=True)
-        check_capacity(load("ray.standby=false"), local=True)  # 2 workers fit without standby
+        assert placeable_workers(1.0, gpu=False) == 2 and placeable_workers(0.5, gpu=False) == 4
+        assert placeable_workers(1.0, gpu=True) == 0
+        assert not standby_fits(load())  # 1 + 2 workers > 2 CPUs: the pre-warm instead
+        assert standby_fits(load("ray.workers_large=1"))
+        check_capacity(load(), local=True)  # each phase alone fits
+        check_capacity(load("ray.workers_large=[2,3]"), local=True)  # its minimum fits
+        with pytest.raises(ConfigError, match=r"ray.workers_large=3-4 needs 3 worker\(s\) .* holds 2"):
+            check_capacity(load("ray.workers_large=[3,4]"), local=True)
     finally:
         ray.shutdown()
 

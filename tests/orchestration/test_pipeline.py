@@ -109,41 +109,6 @@ def check_report(report: dict, total: int = 12288) -> None:
     assert report["savings"]["flops_fraction_paper"] == pytest.approx((total - tau) / total)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    env = {**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/server.db",
-            "--default-artifact-root",
-            str(tmp_path / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{uri}/health", proc, 90)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
 def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(
     text_corpus, prepared, tmp_path, mlflow_server
 ):

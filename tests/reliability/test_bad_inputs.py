@@ -36,10 +36,22 @@ CASES = [
     ),
     ("target below source", PIPE, ["growth.source_depth=5"], ["below the source depth 5"]),
     (
-        "batch not divisible",
+        "batch not whole sequences",
         PIPE,
         ["train.batch_tokens=1000"],
-        ["train.batch_tokens (1000) must be a multiple", "e.g. 1024"],
+        ["train.batch_tokens (1000) must be a multiple of data.seq_len (32)", "e.g. 992"],
+    ),
+    (
+        "fewer micro-batches than workers",
+        PIPE,
+        ["ray.workers_large=[2,5]"],
+        ["growth.batch_tokens_after (1024) has 4 micro-batch(es)", "fewer than the 5 workers"],
+    ),
+    (
+        "worker range upside down",
+        PIPE,
+        ["ray.workers_small=[3,1]"],
+        ["ray.workers_small must be a count >= 1 or [min, max] with 1 <= min <= max, got [3, 1]"],
     ),
     (
         "phase-2 batch below phase 1",
@@ -100,7 +112,10 @@ CASES = [
         "workers beyond the cluster",
         PIPE,
         ["ray.cpus_per_worker=3"],
-        ["needs 9 CPUs but the cluster has 4", "set ray.standby=false"],
+        [
+            "ray.workers_large=2 needs 2 worker(s) of 3 CPU but this local cluster holds 1",
+            "raise ray.local_cpus",
+        ],
     ),
     ("NaN loss", TRAIN, ["optimizer.lr=1e30"], ["non-finite training loss", "Lower optimizer.lr"]),
     ("unknown parallel mode", TRAIN, ["train.parallel=tp"], ["train.parallel must be auto, ddp or fsdp"]),

@@ -54,7 +54,17 @@ def check_train(cfg: RunConfig, world_size: int) -> None:
         t.checkpoint_every_tokens is None or t.checkpoint_every_tokens > 0,
         "train.checkpoint_every_tokens must be > 0 or null",
     )
-    check_batch(t.batch_tokens, world_size, t.micro_batch, cfg.units_per_example, "train.batch_tokens")
+    require(
+        t.checkpoint_every_s is None or t.checkpoint_every_s > 0,
+        "train.checkpoint_every_s must be > 0 or null",
+    )
+    check_batch(
+        t.batch_tokens,
+        cfg.units_per_example,
+        "train.batch_tokens",
+        micro_batch=t.micro_batch,
+        world_size=world_size,
+    )
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -117,10 +127,10 @@ def check_growth(cfg: RunConfig, world_size: int) -> None:
         )
         check_batch(
             g.batch_tokens_after,
-            world_size,
-            t.micro_batch,
             cfg.units_per_example,
             "growth.batch_tokens_after",
+            micro_batch=t.micro_batch,
+            world_size=world_size,
         )
     check_expansion_method(cfg)
     check_growth_stages(cfg)
@@ -162,14 +172,22 @@ def check_growth_stages(cfg: RunConfig) -> None:
 
 
 def check_batch(
-    batch_tokens: int, world_size: int, micro_batch: int, units_per_example: int, key: str
+    batch_tokens: int, units_per_example: int, key: str, *, micro_batch: int = 1, world_size: int = 1
 ) -> int:
-    """Gradient-accumulation steps for a global batch; it must split evenly over ranks and micro-batches."""
-    per_micro = world_size * micro_batch * units_per_example
+    """Examples (sequences, images) in a global batch. It must be whole examples; any world size trains it
+    (``engine/step.plan_batch`` deals micro-batches unevenly), but every one of ``world_size`` workers
+    must get a micro-batch, or workers would idle."""
     require(
-        batch_tokens % per_micro == 0,
-        f"{key} ({batch_tokens}) must be a multiple of workers x train.micro_batch x data.seq_len "
-        f"= {world_size} x {micro_batch} x {units_per_example} = {per_micro}; "
-        f"e.g. {max(1, round(batch_tokens / per_micro)) * per_micro}",
+        batch_tokens % units_per_example == 0,
+        f"{key} ({batch_tokens}) must be a multiple of data.seq_len ({units_per_example}); e.g. "
+        f"{max(1, round(batch_tokens / units_per_example)) * units_per_example}",
     )
-    return batch_tokens // per_micro
+    examples = batch_tokens // units_per_example
+    micro_batches = -(-examples // micro_batch)
+    require(
+        micro_batches >= world_size,
+        f"{key} ({batch_tokens}) has {micro_batches} micro-batch(es) of train.micro_batch={micro_batch} x "
+        f"data.seq_len={units_per_example} tokens, fewer than the {world_size} workers; raise it to at "
+        f"least {world_size * micro_batch * units_per_example} or lower train.micro_batch",
+    )
+    return examples

@@ -63,6 +63,9 @@ class TrainSection:
     eval_tokens: int = 65_536
     log_every: int = 10
     checkpoint_every_tokens: int | None = None
+    # and by wall time: a failure costs at most this much training (rank 0's clock, checked every
+    # log_every steps and agreed by every rank)
+    checkpoint_every_s: float | None = None
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
