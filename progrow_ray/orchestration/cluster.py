@@ -116,21 +116,49 @@ class CapacityError(ConfigError):
     """The cluster cannot hold a phase's minimum workers: exit 2, state kept, the same command resumes."""
 
 
+def workers_on(resources: dict, cpus_per_worker: float, gpu: bool) -> int:
+    """Workers one node of ``resources`` holds: ``cpus_per_worker`` CPUs each, and a GPU with ``gpu``."""
+    fit = int(resources.get("CPU", 0) // cpus_per_worker) if cpus_per_worker > 0 else 1 << 30
+    return min(fit, int(resources.get("GPU", 0))) if gpu else fit
+
+
 def placeable_workers(cpus_per_worker: float, gpu: bool) -> int:
     """How many workers of one phase the cluster's alive nodes can hold at once (each worker on one node:
     ``cpus_per_worker`` CPUs, and a GPU with ``ray.use_gpu``)."""
     import ray
 
+    return sum(
+        workers_on(node.get("Resources", {}), cpus_per_worker, gpu)
+        for node in ray.nodes()
+        if node.get("Alive")
+    )
+
+
+def autoscale_workers(cpus_per_worker: float, gpu: bool) -> int | None:
+    """How many the cluster could hold at its autoscaler's maximum: autoscaler v2 (KubeRay, the cluster
+    launcher) publishes its node groups and their max counts to the GCS. None without one. (Ray's
+    ``GlobalState.get_cluster_config``: an internal API of the pinned Ray.)"""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001
+        return None
+    if config is None or not config.node_group_configs:
+        return None
     total = 0
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        res = node.get("Resources", {})
-        fit = int(res.get("CPU", 0) // cpus_per_worker) if cpus_per_worker > 0 else 1 << 30
-        if gpu:
-            fit = min(fit, int(res.get("GPU", 0)))
-        total += fit
+    for group in config.node_group_configs:
+        per_node = workers_on(dict(group.resources), cpus_per_worker, gpu)
+        if group.max_count == -1 and per_node:
+            return 1 << 30  # unbounded
+        total += max(group.max_count, 0) * per_node
     return total
+
+
+def capacity(cfg) -> tuple[int, int | None]:
+    """(workers the cluster holds now, workers it can autoscale to or None)."""
+    r = cfg.ray
+    return placeable_workers(r.cpus_per_worker, r.use_gpu), autoscale_workers(r.cpus_per_worker, r.use_gpu)
 
 
 def phase_need(cfg, what: str, workers) -> str:
@@ -140,18 +168,25 @@ def phase_need(cfg, what: str, workers) -> str:
 
 def wait_for_capacity(cfg, what: str, workers, log=print, poll_s: float = 2.0) -> None:
     """Return once the cluster holds ``workers.min`` workers; after ``ray.capacity_timeout_s`` without
-    (an autoscaler had that long to add nodes), raise ``CapacityError`` with what is needed and what
-    there is. Nothing is started before: the run's state stays as it was."""
+    (an autoscaler had that long to add nodes), or at once when its autoscaler's maximum is below it,
+    raise ``CapacityError`` with what is needed and what there is. Nothing is started before: the run's
+    state stays as it was."""
     timeout = cfg.ray.capacity_timeout_s
     deadline = time.monotonic() + timeout
     said = False
     while True:
-        have = placeable_workers(cfg.ray.cpus_per_worker, cfg.ray.use_gpu)
+        have, most = capacity(cfg)
         if have >= workers.min:
             return
+        can = f" and can autoscale to {most}" if most is not None else ""
+        if most is not None and most < workers.min:
+            raise CapacityError(
+                f"{phase_need(cfg, what, workers)}; the cluster holds {have}{can}. Raise the autoscaler's "
+                "maximum (maxReplicas) or lower the minimum"
+            )
         if time.monotonic() >= deadline:
             raise CapacityError(
-                f"{phase_need(cfg, what, workers)}; the cluster holds {have} and did not grow within "
+                f"{phase_need(cfg, what, workers)}; the cluster holds {have}{can} and did not grow within "
                 f"ray.capacity_timeout_s={timeout:g} s. Add nodes (or let the autoscaler) and re-run the "
                 "same command to resume, or lower the minimum"
             )
@@ -241,7 +276,7 @@ def check_capacity(cfg, local: bool) -> None:
 
 
 def standby_fits(cfg) -> bool:
-    """Standby phase 2 holds both phases' workers during phase 1: only where the cluster has room for both
-    at their maximum (else the two fits would wait on each other)."""
-    need = cfg.ray.small.max + cfg.ray.large.max
-    return placeable_workers(cfg.ray.cpus_per_worker, cfg.ray.use_gpu) >= need
+    """Standby phase 2 holds both phases' workers during phase 1: only where the cluster (or its autoscaler
+    at its maximum) has room for both at their maximum (else the two fits would wait on each other)."""
+    have, most = capacity(cfg)
+    return max(have, most or 0) >= cfg.ray.small.max + cfg.ray.large.max

@@ -99,10 +99,11 @@ class ElasticLog:
 
 @dataclass
 class LiveView:
-    """What ``watch`` saw of a phase: its elastic events and the newest step it streamed to MLflow."""
+    """What ``watch`` saw of a phase: its elastic events and, per event kind, the newest step it streamed
+    to MLflow (a restart re-trains steps already streamed: they are not streamed twice)."""
 
     elastic: ElasticLog = field(default_factory=ElasticLog)
-    streamed_step: int | None = None
+    streamed: dict = field(default_factory=dict)
 
 
 class PhaseMonitor:
@@ -149,10 +150,12 @@ def watch(
                 f"({resized['cause']}) at {resized['tokens']:,} tokens; "
                 f"{resized['tokens_recomputed']:,} tokens recomputed"
             )
-        if e.get("event") in ("train", "eval") and tracker is not None and run_id and tracker.enabled:
-            tracker.log_history(run_id, [e])
-            if tracker.enabled:  # logged (a failure turns tracking off)
-                live.streamed_step = max(live.streamed_step or 0, int(e["step"]))
+        kind = e.get("event")
+        if kind in ("train", "eval") and tracker is not None and run_id and tracker.enabled:
+            if e["step"] > live.streamed.get(kind, -1):
+                tracker.log_history(run_id, [e])
+                if tracker.enabled:  # logged (a failure turns tracking off)
+                    live.streamed[kind] = int(e["step"])
         if e.get("event") != "train":
             return
         if state["line"] is None:

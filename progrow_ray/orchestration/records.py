@@ -22,7 +22,7 @@ class TrackedRun:
     params: dict
     tags: dict
     run_id: str | None = None  # "disabled" when tracking was off
-    live_step: int | None = None  # the newest step streamed while the phase ran (the rest comes at its end)
+    live_steps: dict = field(default_factory=dict)  # event kind -> the newest step streamed while it ran
     closed: bool = False  # the run holds the whole phase and is ended
 
 

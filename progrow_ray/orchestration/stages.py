@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -181,20 +182,24 @@ def search_stage(run: PipelineRun) -> SearchResult:
 
 
 def measure_tau(run: PipelineRun, cfg: PipelineConfig) -> SearchResult:
-    """The probes on Ray Tune, with a live line on the console, then one MLflow child run per probe."""
+    """The probes on Ray Tune, with a live line on the console and one MLflow child run per probe that
+    receives its loss curve while it runs (at most once a second)."""
     from .tune_tau import search_tau
 
     live: dict = {}
+    probes = ProbeRuns(run)
 
     def on_start(roles: list[str], cap: int) -> None:
         live["line"] = run.console.progress("search", cap * len(roles))
         live["tokens"] = dict.fromkeys(roles, 0)
         live["note"] = f"{len(roles)} probes"
+        probes.start(roles)
 
     def on_result(role: str, r: dict) -> None:
         live["tokens"][role] = max(live["tokens"][role], r.get("tokens", 0))
         loss = r.get("train_loss") if role == "fixed" else None
         live["line"].update(sum(live["tokens"].values()), loss=loss, note=live["note"])
+        probes.add(role, r)
 
     try:
         result = search_tau(
@@ -208,20 +213,64 @@ def measure_tau(run: PipelineRun, cfg: PipelineConfig) -> SearchResult:
     finally:
         if "line" in live:
             live["line"].close()
-    for trial in result.trials:
-        rid = run.tracker.start_run(
-            f"search-{trial.role}",
-            parent_id=run.parent,
+    probes.finish(result.trials)
+    return result
+
+
+class ProbeRuns:
+    """The τ search's MLflow child runs, one per probe, created when the probes start and fed their
+    curves as Tune's results arrive (buffered, flushed at most once a second: probes report every step);
+    ``finish`` logs what was not streamed and ends them."""
+
+    def __init__(self, run: PipelineRun, flush_s: float = 1.0):
+        self.run, self.flush_s = run, flush_s
+        self.ids: dict[str, str | None] = {}
+        self.sent: dict[str, int] = {}  # points streamed per probe
+        self.buffer: dict[str, list] = {}
+        self.last_flush = 0.0
+
+    def _start_run(self, role: str) -> str | None:
+        return self.run.tracker.start_run(
+            f"search-{role}",
+            parent_id=self.run.parent,
             tags={
                 "progrow.phase": "tau-search",
-                "progrow.role": trial.role,
-                ARM_TAG: f"search-{trial.role}",
-                PIPELINE_TAG: run.pipeline_tag,
+                "progrow.role": role,
+                ARM_TAG: f"search-{role}",
+                PIPELINE_TAG: self.run.pipeline_tag,
             },
         )
-        run.tracker.log_history(rid, trial.events())
-        run.tracker.end(rid)
-    return result
+
+    def start(self, roles: list[str]) -> None:
+        for role in roles:
+            self.ids[role] = self._start_run(role)
+            self.sent[role], self.buffer[role] = 0, []
+
+    def add(self, role: str, result: dict) -> None:
+        if role not in self.ids:
+            return
+        point = {k: result.get(k) for k in ("tokens", "train_loss", "flops")}
+        self.buffer[role].append(
+            {"event": "train", "step": self.sent[role] + len(self.buffer[role]), **point}
+        )
+        if time.monotonic() - self.last_flush >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        for role, points in self.buffer.items():
+            if points and self.ids.get(role):
+                self.run.tracker.log_history(self.ids[role], points)
+                self.sent[role] += len(points)
+            self.buffer[role] = []
+
+    def finish(self, trials) -> None:
+        """Each probe's curve as the search kept it (``ProbeTrial.events``): the points not streamed yet
+        (a probe restarted by Tune reports its points again; its run keeps the first ones)."""
+        for trial in trials:
+            rid = self.ids.get(trial.role) or self._start_run(trial.role)
+            self.run.tracker.log_history(rid, trial.events()[self.sent.get(trial.role, 0) :])
+            self.run.tracker.end(rid)
 
 
 def apply_no_saving_policy(cfg: PipelineConfig, result: SearchResult, log) -> SearchResult:
@@ -432,7 +481,7 @@ def train_phase(
                 **(tags or {}),
             },
             run_id=live_run,
-            live_step=live.streamed_step,
+            live_steps=dict(live.streamed),
         ),
         live.elastic.events,
     )
@@ -540,8 +589,8 @@ def track_phase(run: PipelineRun, name: str) -> None:
         history = phase.history
     else:
         run.tracker.set_tags(rid, tracked.tags)
-        after = -1 if tracked.live_step is None else tracked.live_step
-        history = [e for e in phase.history if e.get("event") not in ("train", "eval") or e["step"] > after]
+        done = tracked.live_steps
+        history = [e for e in phase.history if e["step"] > done.get(e.get("event"), -1)]
     run.tracker.log_history(rid, history)
     if phase.elastic_events:
         run.tracker.log_files(

@@ -164,6 +164,55 @@ def test_standby_only_where_both_phases_fit_and_a_local_cluster_refuses_a_minimu
         ray.shutdown()
 
 
+def test_an_autoscalers_maximum_counts_for_standby_and_a_minimum_beyond_it_fails_at_once():
+    """Autoscaler v2 publishes its node groups to the GCS (what KubeRay's autoscaler writes): standby needs
+    room at the maximum, not now; a phase minimum beyond the maximum is refused without waiting."""
+    import time
+
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    from progrow_ray.orchestration.cluster import (
+        CapacityError,
+        autoscale_workers,
+        standby_fits,
+        wait_for_capacity,
+    )
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        assert autoscale_workers(1.0, gpu=False) is None  # no autoscaler
+        config = autoscaler_pb2.ClusterConfig()
+        group = config.node_group_configs.add()
+        group.name, group.max_count = "gpu-h100", 3
+        group.resources.update({"CPU": 8, "GPU": 1})
+        _internal_kv_put(
+            ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(),
+            config.SerializeToString(),
+            overwrite=True,
+            namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode(),
+        )
+        assert autoscale_workers(8.0, gpu=True) == 3 and autoscale_workers(4.0, gpu=False) == 6
+        cfg = load("ray.use_gpu=true", "ray.cpus_per_worker=8")
+        assert standby_fits(cfg)  # 1 + 2 GPU workers once the autoscaler adds nodes; none now
+        started = time.monotonic()
+        with pytest.raises(CapacityError, match=r"holds 0 and can autoscale to 3. Raise the autoscaler"):
+            wait_for_capacity(
+                load(
+                    "ray.use_gpu=true",
+                    "ray.cpus_per_worker=8",
+                    "ray.workers_large=[4,4]",
+                    "baseline.enabled=false",
+                ),
+                "phase2",
+                load("ray.workers_large=4").ray.large,
+            )
+        assert time.monotonic() - started < 5  # no waiting for capacity that cannot come
+    finally:
+        ray.shutdown()
+
+
 def test_no_saving_reason_is_one_line_with_the_numbers():
     from progrow_ray.orchestration.records import ProbeTrial, SearchResult
     from progrow_ray.report import no_saving_reason

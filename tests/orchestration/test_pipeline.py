@@ -174,6 +174,9 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(
         "progressive",
     } <= children
     assert by_name["phase2"].data.tags["progrow.workers"] == "2"
+    for name in ("search-fixed", "search-progressive", "phase1", "phase2"):  # streamed while they ran
+        steps = [m.step for m in client.get_metric_history(by_name[name].info.run_id, "train_loss")]
+        assert steps and len(steps) == len(set(steps)), (name, steps)  # a restarted step is logged once
     history = client.get_metric_history(by_name["phase2"].info.run_id, "val_loss")
     assert history and all(m.step > 0 for m in history)
     assert client.get_metric_history(by_name["phase2"].info.run_id, "flops")
