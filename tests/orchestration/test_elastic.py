@@ -5,6 +5,7 @@ cluster happens while a worker stands still at a fault point (``engine/faults.py
 nothing races the clock."""
 
 import json
+import os
 import subprocess
 import time
 
@@ -25,22 +26,34 @@ ELASTIC = (
     # losses compare at 1e-5 (the row-split one sums its Gram matrix in another order)
     "--set", "optimizer.ns_split=false",
 )  # fmt: skip
+AUTH = {"RAY_AUTH_MODE": "disabled"}  # the test cluster and the pipelines that join it (cluster/local.sh's)
 WAIT_S = 240  # for a fault point to be reached (worker groups start in seconds to tens of seconds)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Three 1-CPU nodes; the head takes no workers, so each node hosts one worker of a 3-worker phase."""
+    """Three 1-CPU nodes; the head takes no workers, so each node hosts one worker of a 3-worker phase.
+    Without token authentication, as the pipeline subprocesses connect (``AUTH``): an earlier local
+    ``ray.init`` in this process switched it to token mode (Ray 2.60 sets RAY_AUTH_MODE=token)."""
+    from ray._raylet import Config
     from ray.cluster_utils import Cluster
 
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ.update(AUTH)
+    Config.initialize("")  # this process (the test's GCS calls) follows the mode too
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(3):
-        c.add_node(num_cpus=1)
-    c.wait_for_nodes()
     try:
+        for _ in range(3):
+            c.add_node(num_cpus=1)
+        c.wait_for_nodes()
         yield c
     finally:
         c.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+        Config.initialize("")
 
 
 def worker_nodes(cluster):
@@ -88,7 +101,7 @@ def pause(at_tokens: int, release, marker, phase: str = "fixed") -> dict:
 
 
 def start(cmd, faults):
-    env = {**ENV, "PROGROW_FAULT": json.dumps(faults)}
+    env = {**ENV, **AUTH, "PROGROW_FAULT": json.dumps(faults)}
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
