@@ -5,8 +5,10 @@ a range of τ, GPU-hours at a given MFU on a given GPU, and the predicted saving
 model (6N + attention per token, active experts only for MoE, conv by conv per image for ResNet), and the
 fraction under the paper's eq. 1.1 convention too (6 x non-embedding parameters per token: the "5x" of its
 Figure 1). GPU-hours use the full count: it is what the GPU executes. With ``--t-mix`` it also applies the
-τ planner (τ = end of stable − t_mix). Last, each phase's per-GPU memory under ddp and fsdp, and what
-``train.parallel: auto`` picks (``orchestration/preflight.py``).
+τ planner (τ = end of stable − t_mix). Then the τ search's plan (``orchestration/search_plan.py``): the
+prior t_mix, the probes' width, length and cadences, their FLOPs and the fraction of the main run, which
+the pipeline refuses at start when it exceeds ``tune.search_fraction``. Last, each phase's per-GPU memory
+under ddp and fsdp, and what ``train.parallel: auto`` picks (``orchestration/preflight.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .core.mixing import MixResult, plan_tau
 from .engine.config import load_run_config
 from .orchestration.config import PipelineConfig
 from .orchestration.preflight import format_plan, memory_plan
+from .orchestration.search_plan import Prior, choose_prior, plan_search
 
 # Dense bf16 tensor-core peaks (vendor datasheets); H100/H200 measured here at ~790 TF/s (see README).
 
@@ -119,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     if "tau_plan" in p:
         print(f"\nwith t_mix = {args.t_mix:,} {u}: {p['tau_plan']['verdict']}")
     print()
+    if cfg.tune.enabled:
+        prior = Prior(args.t_mix, "--t-mix") if args.t_mix else choose_prior(cfg)
+        search = plan_search(cfg, prior)
+        print(
+            "tau search plan (a t_mix in the registry for this run's fingerprint skips it: "
+            "`python -m progrow_ray.tmix list`):"
+        )
+        print("\n".join(f"  {line}" for line in search.lines()))
+        print()
     print("\n".join(format_plan(memory_plan(cfg), cfg.ray.gpu_memory_gb)))
     print(
         "train.parallel=auto runs a phase under ddp when its ddp estimate fits, else fsdp; the pipeline "

@@ -144,7 +144,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"- τ: {s['tau_tokens']:,} of {total:,} tokens ({s['tau_tokens'] / total:.0%})"
         if s.get("expand")
         else f"- τ: none, the target model trained from the start ({total:,} tokens)",
-        f"- τ search cost: {s['search_flops']:.3e} FLOPs ({o['search_flops_fraction']:.1%} of the main run)",
+        f"- τ search cost: {s['search_flops']:.3e} FLOPs; {o['search_flops_fraction']:.1%} of the main run "
+        "with any learning-rate search",
+        *(
+            [f"- t_mix source: {s['registry']['source']} (registry entry {s['registry']['key']})"]
+            if s.get("registry")
+            else []
+        ),
         f"- Phase switch: {o['phase_switch_s']:.1f} s"
         if o["phase_switch_s"] is not None
         else "- Phase switch: -",
@@ -285,7 +291,7 @@ def build_report(cfg, search, phases: list, baseline, lr_search, mlflow: MlflowR
         overheads=Overheads(
             last.phase_switch_s if grown else None,
             last.phase_switch_breakdown if grown else None,
-            search.search_flops / prog_flops,
+            (search.search_flops + search.lr_search_flops) / prog_flops,  # at the τ actually chosen
         ),
         mlflow=mlflow,
         elastic_events=[

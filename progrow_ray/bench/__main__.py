@@ -9,6 +9,10 @@
     The Muon-NSGD step per rank on 1, 2, 4 ... ranks (owners share the Newton–Schulz work), wall-clock and
     CPU time, as ratios to the first world size (``optimizer.py``).
 
+``python -m progrow_ray.bench stopper [--points 500000]``
+    The τ search's stopper: total CPU for the reported points of three probes, against the old
+    recompute-everything stopper measured at a few sizes in the same run (``stopper.py``).
+
 ``python -m progrow_ray.bench savings --config jobs/smoke.yaml --taus 0.25,0.5,0.8 [--json]``
     A fixed-size run and one progressive run per τ through the engine: final val loss, relative gap
     and FLOPs fraction per τ.
@@ -212,7 +216,32 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--taus", default="0.25,0.5,0.8")
     s.add_argument("--out", default="runs/bench-savings")
     s.add_argument("--json", action="store_true")
+    st = sub.add_parser("stopper", help="the tau search's stopper: CPU per reported point")
+    st.add_argument("--points", type=int, default=500_000)
+    st.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "stopper":
+        from .stopper import stopper_bench
+
+        result = stopper_bench(args.points)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(
+                f"stopper: {result['points']:,} reported points in {result['stopper_cpu_s']:.3f} s CPU "
+                f"({result['us_per_point']:.2f} us per point; {result['judged']:,} judged, "
+                f"mixed: {result['mixed']})"
+            )
+            calls = ", ".join(
+                f"{int(n):,} points {c * 1e3:.1f} ms" for n, c in result["reference_call_s"].items()
+            )
+            print(
+                f"reference (t_mix over every point at each report): {calls} per call (~n^"
+                f"{result['reference_growth_exponent']:.2f}); about "
+                f"{result['reference_total_s_estimated']:,.0f} s "
+                f"for the same run: {result['speedup']:,.0f}x"
+            )
+        return 0
     if args.command == "optimizer":
         from .optimizer import optimizer_bench
 

@@ -14,6 +14,8 @@ has a measurable advantage: (source - fixed) / fixed >= ``min_advantage_rel``.
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -115,15 +117,189 @@ def t_mix(
                 last,
                 None if advantage is None else float(advantage[i]),
             )
-    last_adv = None if advantage is None or not np.isfinite(advantage[-1]) else float(advantage[-1])
-    if advantage is not None and not can_start.any():
+    last_adv = None if advantage is None else float(advantage[-1])
+    return not_mixed(last, last_adv, advantage is not None and not can_start.any(), min_advantage_rel)
+
+
+def not_mixed(
+    last_gap: float, advantage: float | None, no_advantage: bool, min_advantage: float
+) -> MixResult:
+    """A curve that did not mix, and why in words: depth never helped enough, or the gap never closed."""
+    adv = None if advantage is None or not math.isfinite(advantage) else advantage
+    if no_advantage:
         note = (
             f"depth showed no measurable advantage within the search (the fixed model beats the source by "
-            f"{last_adv if last_adv is not None else float('nan'):+.2%} < {min_advantage_rel:.2%})"
+            f"{adv if adv is not None else float('nan'):+.2%} < {min_advantage:.2%})"
         )
     else:
-        note = f"the curves did not mix within the search (last gap {last:+.2%})"
-    return MixResult(False, None, None, None, last, last_adv, note)
+        note = f"the curves did not mix within the search (last gap {last_gap:+.2%})"
+    return MixResult(False, None, None, None, last_gap, adv, note)
+
+
+class _Smoothed:
+    """One curve as it arrives: tokens and the bias-corrected EMA of its losses (``ema`` point by point)."""
+
+    def __init__(self, alpha: float):
+        self.alpha, self.acc, self.power = alpha, 0.0, 1.0
+        self.tokens: list[float] = []
+        self.loss: list[float] = []
+
+    def add(self, tokens: float, loss: float) -> bool:
+        ts = self.tokens
+        if ts and tokens <= ts[-1]:
+            return False  # not after the last point: a restarted trial re-reporting what it already had
+        a = self.alpha
+        self.acc = acc = a * self.acc + (1 - a) * loss
+        self.power = power = self.power * a
+        ts.append(tokens)
+        self.loss.append(acc / (1 - power) if a else loss)
+        return True
+
+
+class _Cursor:
+    """Linear interpolation of a ``_Smoothed`` curve at increasing query tokens, in amortised O(1)."""
+
+    def __init__(self, curve: _Smoothed):
+        self.curve, self.j = curve, 0
+
+    def at(self, t: float) -> float | None:
+        """The curve at ``t`` (None before its first point); the caller checks that it reaches ``t``."""
+        ts, ls = self.curve.tokens, self.curve.loss
+        if t < ts[0]:
+            return None
+        while ts[self.j] < t:
+            self.j += 1
+        if ts[self.j] == t or self.j == 0:
+            return ls[self.j]
+        t0, t1 = ts[self.j - 1], ts[self.j]
+        return ls[self.j - 1] + (ls[self.j] - ls[self.j - 1]) * (t - t0) / (t1 - t0)
+
+
+class MixingWatch:
+    """``t_mix`` as the probes' points arrive, in amortised O(1) work per point (the τ search's stopper).
+
+    Each curve is smoothed as it grows. A progressive point is judged once the fixed curve (and the
+    source curve, when one is watched) has reached its tokens; a mixed window is the first point that
+    may start one, followed by points within ``rel_tol`` up to ``window_tokens`` later. On complete
+    curves the answer is ``t_mix``'s; while they grow it is what ``t_mix`` says of the points judged
+    so far. Points that do not advance their curve's tokens are ignored (a restarted probe repeats
+    some), and ``add`` says so.
+    """
+
+    ROLES = ("fixed", "progressive", "source")
+
+    def __init__(
+        self,
+        expand_at_tokens: float,
+        rel_tol: float = 0.01,
+        window_tokens: float = 0.0,
+        smoothing: float = 0.0,
+        min_advantage_rel: float = 0.0,
+        with_source: bool = False,
+    ):
+        require(rel_tol >= 0 and window_tokens >= 0 and min_advantage_rel >= 0, "bad mixing settings")
+        require(0 <= smoothing < 1, f"smoothing must be in [0, 1), got {smoothing}")
+        self.expand_at, self.rel_tol, self.window = expand_at_tokens, rel_tol, window_tokens
+        self.min_advantage, self.with_source = min_advantage_rel, with_source
+        self.curves = {r: _Smoothed(smoothing) for r in self.ROLES}
+        self._fixed, self._source = _Cursor(self.curves["fixed"]), _Cursor(self.curves["source"])
+        self._pending: deque[int] = deque()  # progressive points not judged yet
+        self._start: tuple[float, float, float | None] | None = None  # (tokens, worst gap, advantage)
+        self._any_start = False
+        self._last: tuple[float, float | None] | None = None  # (gap, advantage) of the last judged point
+        self.judged = 0  # progressive points judged (for the O(1) test)
+        self.result: MixResult | None = None  # set once mixed; never changes after
+
+    @property
+    def mixed(self) -> bool:
+        return self.result is not None
+
+    def add(self, role: str, tokens: float, loss: float) -> bool:
+        curve = self.curves.get(role)
+        if curve is None:
+            require(False, f"unknown curve {role!r}")
+        if not math.isfinite(loss):
+            require(False, f"{role} curve: losses must be finite")
+        if not curve.add(tokens, loss):
+            return False
+        if role == "progressive" and tokens >= self.expand_at:
+            self._pending.append(len(curve.tokens) - 1)
+        if self._pending and self.result is None:
+            self._judge()
+        return True
+
+    def _judge(self) -> None:
+        prog, fixed, source = self.curves["progressive"], self.curves["fixed"], self.curves["source"]
+        pending, ft, st = self._pending, fixed.tokens, source.tokens
+        while pending and self.result is None:
+            i = pending[0]
+            t = prog.tokens[i]
+            if not ft or ft[-1] < t or (self.with_source and (not st or st[-1] < t)):
+                return  # wait for the other curves to reach t
+            pending.popleft()
+            f = self._fixed.at(t)
+            if f is None:
+                continue  # before the fixed curve's first point: t_mix drops it too
+            self.judged += 1
+            advantage = None
+            if self.with_source:
+                s = self._source.at(t)
+                s = source.loss[0] if s is None else s  # before its first point: its first value (np.interp)
+                advantage = (s - f) / f
+            self._step(t, (prog.loss[i] - f) / f, advantage)
+
+    def _step(self, t: float, gap: float, advantage: float | None) -> None:
+        start = self._start
+        if start is not None and t > start[0] + self.window:  # the window closed before this point
+            return self._mix(start)
+        self._last = (gap, advantage)
+        if gap > self.rel_tol:
+            self._start = None  # breaks the window of every start so far
+            return
+        if start is None:
+            if advantage is None or advantage >= self.min_advantage:
+                self._start = start = (t, gap, advantage)
+                self._any_start = True
+        else:
+            self._start = start = (start[0], max(start[1], gap), start[2])
+        if start is not None and t >= start[0] + self.window:
+            self._mix(start)
+
+    def _mix(self, start) -> None:
+        t, worst, advantage = start
+        last = self._last[0] if self._last else float("nan")
+        self.result = MixResult(True, int(round(t - self.expand_at)), int(round(t)), worst, last, advantage)
+
+    def outcome(self) -> MixResult:
+        """The result so far: mixed, or why not (as ``t_mix`` words it)."""
+        if self.result is not None:
+            return self.result
+        require(self._last is not None, "the curves share no point after the expansion: run them longer")
+        last, advantage = self._last
+        return not_mixed(last, advantage, self.with_source and not self._any_start, self.min_advantage)
+
+
+def watch_curves(watch: MixingWatch, curves: dict[str, tuple[Sequence[float], Sequence[float]]]) -> MixResult:
+    """Feed whole curves (role -> (tokens, losses)), the progressive one last, and return the outcome."""
+    for role in sorted(curves, key=lambda r: r == "progressive"):
+        t, loss = _curve(*curves[role], f"{role} curve")
+        for x, y in zip(t.tolist(), loss.tolist()):
+            watch.add(role, x, y)
+    return watch.outcome()
+
+
+# Mixing times the paper reports, in the run's units: the τ search's prior when nothing better is known
+# (``tune.t_mix_prior_tokens``, or the mixing-time registry). Under WSD they barely depend on τ.
+PAPER_T_MIX: dict[str, tuple[float, str]] = {
+    "gpt": (16e9, "the paper's GPT-2 under WSD: about 16B tokens (30k iterations), §5.2 and Fig. 5"),
+    "llama": (16e9, "the paper's GPT-2 figure (no Llama run in the paper): about 16B tokens, §5.2"),
+    "moe": (16e9, "the paper's GPT-2 figure; its MoE (GPT-2's configuration) mixes alike, Fig. 9"),
+    "resnet": (
+        12.8e6,
+        "the paper's ResNet under WSD still mixes when expanded at 0.8 of a 100-epoch ImageNet run with "
+        "10% decay: at most 10 epochs, about 12.8M images (§4, Fig. 5)",
+    ),
+}
 
 
 @dataclass(frozen=True)

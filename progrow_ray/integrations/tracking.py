@@ -194,6 +194,12 @@ class Tracker:
                 self._fail(e)
                 return None
 
+    def metric_count(self, run_id: str | None, key: str) -> int:
+        """How many values of ``key`` the run has (0 when tracking is off)."""
+        if not run_id:
+            return 0
+        return len(self._call("get_metric_history", run_id, key) or [])
+
     def set_tags(self, run_id: str | None, tags: dict) -> None:
         if not run_id:
             return

@@ -19,11 +19,26 @@ class LrSearchSection:
     tokens: int | None = None  # per trial (default: the search token cap)
 
 
+REUSE = ("auto", "never", "only")
+
+
 @dataclass(frozen=True)
 class TuneSection:
     enabled: bool = True  # False: use growth.tau_frac / growth.tau_tokens as given
-    search_fraction: float = 0.1  # token cap of the probes: their FLOPs <= this share of the main run's
+    # The search plan (orchestration/search_plan.py): the probes run to expansion + 1.5 x the prior t_mix,
+    # at the widest width whose FLOPs stay within search_fraction of the main run for any τ the search
+    # may choose; a search that cannot fit is refused at start.
+    search_fraction: float = 0.1
+    t_mix_prior_tokens: int | None = None  # None: the registry's value, else the paper's for the family
+    min_probe_width: int | None = None  # narrowest probe width (n_embd / base_width); None: one width step
     max_search_tokens: int | None = None  # an explicit cap instead (tokens per probe)
+    report_every: int | None = None  # probe steps per reported point; None: about 1,000 points per probe
+    checkpoint_every_tokens: int | None = None  # probe checkpoints; None: 20 per probe
+    max_failures: int = 2  # probe restarts (from its checkpoint) before the search fails
+    # The mixing-time registry (orchestration/tmix_registry.py): "auto" reuses a measured t_mix whose
+    # fingerprint matches and searches otherwise, "never" always searches, "only" fails without one.
+    reuse: str = "auto"
+    registry: str | None = None  # where it lives: local dir or s3://; None: <out>/tmix-registry
     rel_tol: float = 0.01  # mixed when (prog - fixed) / fixed <= rel_tol ...
     window_frac: float = 0.1  # ... for this share of the probe horizon after the expansion
     smoothing: float = 0.6  # EMA weight of the past on the loss curves
@@ -146,6 +161,17 @@ class PipelineConfig(RunConfig):
         )
         require(
             0 < t.search_fraction <= 1, f"tune.search_fraction must be in (0, 1], got {t.search_fraction}"
+        )
+        require(t.reuse in REUSE, f"tune.reuse must be one of {list(REUSE)}, got {t.reuse!r}")
+        require(
+            t.t_mix_prior_tokens is None or t.t_mix_prior_tokens > 0,
+            f"tune.t_mix_prior_tokens must be > 0, got {t.t_mix_prior_tokens}",
+        )
+        require(
+            all(v is None or v >= 1 for v in (t.min_probe_width, t.report_every, t.checkpoint_every_tokens))
+            and t.max_failures >= 0,
+            "tune.min_probe_width, tune.report_every and tune.checkpoint_every_tokens must be >= 1, "
+            "tune.max_failures >= 0",
         )
         require(
             t.rel_tol >= 0 and 0 <= t.window_frac < 1 and 0 <= t.smoothing < 1,

@@ -18,7 +18,7 @@ from ..report import summary_table
 from .cluster import RaySession, check_capacity
 from .config import PipelineConfig
 from .preflight import check_memory
-from .stages import check_same_run, data_stage, open_run, read_state, run_root, run_stages
+from .stages import check_same_run, data_stage, open_run, plan_tau_search, read_state, run_root, run_stages
 
 
 def absolutize(cfg: PipelineConfig) -> PipelineConfig:
@@ -69,6 +69,10 @@ def run_job(
         print(f"run {cfg.name!r} already finished; its report: {join(run_root(cfg), 'report.json')}")
         print_summary(read_json(join(run_root(cfg), "report.json")), cfg, started)
         return 0
+    if cfg.tune.enabled and state.state.tau_search is None:
+        # priced before anything trains: refused (exit 2) when it cannot fit its budget
+        for line in plan_tau_search(cfg).lines():
+            print(f"τ search: {line}", flush=True)
     log_path = log_path_for(cfg)
     console = Console(log_path, verbose=verbose)
     run_started = False

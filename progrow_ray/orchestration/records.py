@@ -86,6 +86,7 @@ class ProbeTrial:
     flops: float
     curve: list  # [{"tokens", "train_loss", "flops"}]
     error: str | None = None
+    restarts: list = dataclasses.field(default_factory=list)  # tokens each restart resumed from
 
     def events(self) -> list[dict]:
         """The curve as engine metric events (what the tracker logs)."""
@@ -108,6 +109,10 @@ class SearchResult:
     plan: dict | None = None  # core.mixing.TauPlan.to_dict()
     verdict_expand: bool | None = None  # the search's own verdict, when tune.on_no_saving overrode it
     one_layer_t_mix_tokens: int | None = None
+    resumed: bool = False  # the search was continued after a driver kill (Tuner.restore)
+    search_plan: dict | None = None  # search_plan.SearchPlan, as planned before the probes ran
+    registry: dict | None = None  # the registry entry used or written (tmix_registry)
+    lr_search_flops: float = 0.0
 
     @property
     def search_says_expand(self) -> bool:
@@ -133,6 +138,7 @@ class SearchResult:
         "verdict_expand",
         "cap_tokens",
         "expand_at_tokens",
+        "registry",
     )
 
     def report_section(self) -> dict:

@@ -8,6 +8,7 @@ stage, and an interrupted phase resumes from its last committed checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -25,7 +26,9 @@ from .config import PipelineConfig, WorkerRange
 from .phases import PhaseOutcome, run_phase
 from .preflight import phase_parallel
 from .records import PhaseResult, PipelineState, SearchResult, TrackedRun
+from .search_plan import SearchPlan, choose_prior, plan_search
 from .standby import Handoff, StandbyFit
+from .tmix_registry import Hit, Registry, fingerprint, key_of, registry_uri
 
 STATE = "pipeline_state.json"
 # Sections that may change between a run and its resumption without changing what is trained.
@@ -135,6 +138,7 @@ def run_stages(run: PipelineRun) -> Report:
     baseline = baseline_stage(run)
     tracking_stage(run)
     report = report_stage(run, search, phases, baseline)
+    record_outcome(run, search, report)
     run.state.update(done=True)
     run.tracker.end(run.parent)
     return report
@@ -149,22 +153,72 @@ def data_stage(cfg: PipelineConfig, log) -> None:
 
 
 # ---- search ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchSetup:
+    """What the τ search will do, decided before anything trains."""
+
+    fingerprint: dict
+    registry: Registry
+    hit: Hit | None  # a measured t_mix to reuse instead of searching
+    plan: SearchPlan | None  # else the probes to run
+
+    def lines(self) -> list[str]:
+        if self.hit is not None:
+            return [f"t_mix {self.hit.t_mix_tokens:,} from the {self.hit.describe()}: no search"]
+        return self.plan.lines()
+
+
+def plan_tau_search(cfg: PipelineConfig) -> SearchSetup:
+    """Reuse a registry value (``tune.reuse``), or plan the probes; refuses (exit 2) a search that does
+    not fit ``tune.search_fraction``, and ``tune.reuse=only`` without a value."""
+    registry = Registry(registry_uri(cfg))
+    fp = fingerprint(cfg)
+    target = cfg.target_model_config()
+    found = registry.lookup(fp, getattr(target, type(target).width_field))
+    if found is not None and cfg.tune.reuse != "never":
+        return SearchSetup(fp, registry, found, None)
+    require(
+        cfg.tune.reuse != "only",
+        f"tune.reuse=only: the mixing-time registry {registry.uri} has no t_mix for this run's fingerprint "
+        f"{key_of(fp)} (`python -m progrow_ray.tmix list --registry {registry.uri}`); run the search "
+        "(tune.reuse=auto) or seed it (`python -m progrow_ray.tmix add`)",
+    )
+    plan = plan_search(cfg, choose_prior(cfg, found.prior() if found else None))
+    require(plan.fits, plan.refusal())
+    return SearchSetup(fp, registry, None, plan)
+
+
 def search_stage(run: PipelineRun) -> SearchResult:
-    """The learning-rate search (optional) and the τ search, or τ as configured; then the no-saving policy."""
+    """The learning-rate search (optional), then τ: from the registry, from the probes, or as configured;
+    then the no-saving policy."""
     from .tune_tau import search_lr
 
     cfg, state = run.cfg, run.state
     if state.state.tau_search is not None:
         return state.state.tau_search
     if cfg.tune.lr_search.enabled and state.state.lr_search is None:
-        lr = search_lr(cfg, storage=run.storage, run_name=f"{cfg.name}-lr-search", log=run.console.info)
+        cap = plan_search(cfg, choose_prior(cfg)).cap
+        lr = search_lr(
+            cfg,
+            cfg.tune.lr_search.tokens or cap,
+            storage=run.storage,
+            run_name=f"{cfg.name}-lr-search",
+            log=run.console.info,
+        )
         state.update(lr_search=lr)
         run.console.info(f"lr search: best lr {lr.best_lr:.4g}")
     if state.state.lr_search is not None:
         cfg = replace(cfg, optimizer=replace(cfg.optimizer, lr=state.state.lr_search.best_lr))
     if cfg.tune.enabled:
-        run.console.stage("τ search (Ray Tune): probes measure the mixing time")
-        result = measure_tau(run, cfg)
+        setup = plan_tau_search(cfg)
+        if setup.hit is not None:
+            result = reuse_t_mix(cfg, setup.hit)
+        else:
+            run.console.stage("τ search (Ray Tune): probes measure the mixing time")
+            for line in setup.plan.lines():
+                run.console.note(line)
+            result = record_measurement(run, cfg, setup, measure_tau(run, cfg, setup.plan))
+        track_search(run, setup, result)
     else:
         tau = cfg.tau_tokens
         verdict = (
@@ -175,13 +229,110 @@ def search_stage(run: PipelineRun) -> SearchResult:
         result = SearchResult(
             t_mix_tokens=None, tau_tokens=tau, expand=tau is not None and tau > 0, verdict=verdict
         )
+    if state.state.lr_search is not None:
+        result = replace(result, lr_search_flops=state.state.lr_search.flops)
     run.console.info(f"verdict: {result.verdict}")
     result = apply_no_saving_policy(cfg, result, run.console.info)
     state.update(tau_search=result)
     return result
 
 
-def measure_tau(run: PipelineRun, cfg: PipelineConfig) -> SearchResult:
+def reuse_t_mix(cfg: PipelineConfig, hit: Hit) -> SearchResult:
+    """τ from a registry measurement: no probes run."""
+    from ..core.mixing import MixResult
+    from .tune_tau import tau_from_mixing
+
+    m = hit.measurement
+    mix = MixResult(True, hit.t_mix_tokens, None, m.get("gap_after_mix_rel"), float("nan"))
+    result = tau_from_mixing(cfg, mix, registry=hit.to_json())
+    return replace(result, verdict=f"t_mix {hit.t_mix_tokens:,} from the {hit.describe()}; {result.verdict}")
+
+
+def record_measurement(run: PipelineRun, cfg: PipelineConfig, setup: SearchSetup, result) -> SearchResult:
+    """The measured t_mix (or "did not mix within the cap") into the registry, with its fingerprint."""
+    plan, mix = setup.plan, result.mix or {}
+    key, mid = setup.registry.record(
+        setup.fingerprint,
+        t_mix_tokens=result.t_mix_tokens,
+        gap_after_mix_rel=mix.get("gap_after_mix_rel"),
+        last_gap_rel=mix.get("last_gap_rel"),
+        cap_tokens=plan.cap,
+        expand_at_tokens=plan.expand_at,
+        probe_width=plan.width,
+        target_width=plan.target_width,
+        width_field=plan.width_field,
+        search_flops=result.search_flops,
+        source="measured",
+        run=cfg.name,
+        out=cfg.out,
+        mlflow_parent_run_id=run.parent,
+    )
+    run.console.info(f"t_mix recorded in the registry: {setup.registry.uri} {key}/{mid}")
+    registry = {
+        "key": key,
+        "measurement": mid,
+        "t_mix_tokens": result.t_mix_tokens,
+        "reused": False,
+        "transferred": plan.width != plan.target_width,
+        "source": f"measured by this run's search at {plan.width_field}={plan.width}",
+    }
+    return replace(result, registry=registry, search_plan=dataclasses.asdict(plan))
+
+
+def track_search(run: PipelineRun, setup: SearchSetup, result: SearchResult) -> None:
+    """The search as one MLflow child run: the fingerprint and where t_mix came from as tags, the numbers as
+    metrics (the probes have their own runs)."""
+    reg = result.registry or {}
+    rid = run.tracker.start_run(
+        "tau-search",
+        parent_id=run.parent,
+        tags={
+            "progrow.phase": "tau-search-summary",
+            PIPELINE_TAG: run.pipeline_tag,
+            "progrow.tmix.key": reg.get("key", key_of(setup.fingerprint)),
+            "progrow.tmix.fingerprint": json.dumps(setup.fingerprint, sort_keys=True),
+            "progrow.tmix.reused": str(bool(reg.get("reused"))).lower(),
+            "progrow.tmix.transferred": str(bool(reg.get("transferred"))).lower(),
+            "progrow.tmix.source": reg.get("source", ""),
+        },
+    )
+    plan = setup.plan
+    run.tracker.log_metrics(
+        rid,
+        {
+            "t_mix_tokens": result.t_mix_tokens,
+            "tau_tokens": result.tau_tokens,
+            "search_flops": result.search_flops,
+            "probe_width": plan.width if plan else None,
+            "cap_tokens": plan.cap if plan else None,
+            "prior_t_mix_tokens": plan.prior.tokens if plan else None,
+        },
+    )
+    run.tracker.end(rid)
+
+
+def record_outcome(run: PipelineRun, search: SearchResult, report: Report) -> None:
+    """After a main run with a baseline: the predicted and the measured final loss gap, back into the
+    registry entry whose t_mix chose τ."""
+    reg, savings = search.registry, report.savings
+    if not reg or savings is None or savings.loss_gap_rel is None or not search.expand:
+        return
+    outcome = {
+        "run": run.cfg.name,
+        "tau_tokens": search.tau_tokens,
+        "predicted_gap_rel": (search.plan or {}).get("predicted_gap_rel"),
+        "measured_gap_rel": savings.loss_gap_rel,
+        "flops_fraction": savings.flops_fraction,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if Registry(registry_uri(run.cfg)).record_outcome(reg["key"], reg["measurement"], outcome):
+        run.console.info(
+            f"registry {reg['key']}/{reg['measurement']}: predicted gap "
+            f"{outcome['predicted_gap_rel'] or 0:+.2%}, measured {outcome['measured_gap_rel']:+.2%}"
+        )
+
+
+def measure_tau(run: PipelineRun, cfg: PipelineConfig, plan: SearchPlan) -> SearchResult:
     """The probes on Ray Tune, with a live line on the console and one MLflow child run per probe that
     receives its loss curve while it runs (at most once a second)."""
     from .tune_tau import search_tau
@@ -189,11 +340,11 @@ def measure_tau(run: PipelineRun, cfg: PipelineConfig) -> SearchResult:
     live: dict = {}
     probes = ProbeRuns(run)
 
-    def on_start(roles: list[str], cap: int) -> None:
+    def on_start(roles: list[str], cap: int, points) -> None:
+        live["tokens"] = {r: int(points.points[r][-1][0]) if points.points.get(r) else 0 for r in roles}
         live["line"] = run.console.progress("search", cap * len(roles))
-        live["tokens"] = dict.fromkeys(roles, 0)
         live["note"] = f"{len(roles)} probes"
-        probes.start(roles)
+        probes.start(roles, points)
 
     def on_result(role: str, r: dict) -> None:
         live["tokens"][role] = max(live["tokens"][role], r.get("tokens", 0))
@@ -204,6 +355,7 @@ def measure_tau(run: PipelineRun, cfg: PipelineConfig) -> SearchResult:
     try:
         result = search_tau(
             cfg,
+            plan,
             storage=run.storage,
             run_name=f"{cfg.name}-tau-search",
             log=run.console.note,
@@ -218,9 +370,9 @@ def measure_tau(run: PipelineRun, cfg: PipelineConfig) -> SearchResult:
 
 
 class ProbeRuns:
-    """The τ search's MLflow child runs, one per probe, created when the probes start and fed their
-    curves as Tune's results arrive (buffered, flushed at most once a second: probes report every step);
-    ``finish`` logs what was not streamed and ends them."""
+    """The τ search's MLflow child runs, one per probe, created when the probes start (kept in the state
+    file, so a continued search feeds the same runs) and fed their curves as Tune's results arrive
+    (buffered, flushed at most once a second); ``finish`` logs what was not streamed and ends them."""
 
     def __init__(self, run: PipelineRun, flush_s: float = 1.0):
         self.run, self.flush_s = run, flush_s
@@ -241,19 +393,30 @@ class ProbeRuns:
             },
         )
 
-    def start(self, roles: list[str]) -> None:
+    def start(self, roles: list[str], points=None) -> None:
+        """Each probe's run: the one an earlier attempt of this search started, or a new one; what a
+        continued search already has and its run has not is queued."""
         for role in roles:
-            self.ids[role] = self._start_run(role)
-            self.sent[role], self.buffer[role] = 0, []
+            name = f"search-{role}"
+            rid = self.run.state.state.live_runs.get(name)
+            sent = self.run.tracker.metric_count(rid, "train_loss") if rid else 0
+            if not rid:
+                rid = self._start_run(role)
+                if rid:
+                    self.run.state.set_live_run(name, rid)
+            self.ids[role], self.sent[role], self.buffer[role] = rid, sent or 0, []
+            have = (points.points.get(role, []) if points is not None else [])[self.sent[role] :]
+            for tokens, loss, flops in have:
+                self.add(role, {"tokens": tokens, "train_loss": loss, "flops": flops}, flush=False)
 
-    def add(self, role: str, result: dict) -> None:
+    def add(self, role: str, result: dict, flush: bool = True) -> None:
         if role not in self.ids:
             return
         point = {k: result.get(k) for k in ("tokens", "train_loss", "flops")}
         self.buffer[role].append(
             {"event": "train", "step": self.sent[role] + len(self.buffer[role]), **point}
         )
-        if time.monotonic() - self.last_flush >= self.flush_s:
+        if flush and time.monotonic() - self.last_flush >= self.flush_s:
             self.flush()
 
     def flush(self) -> None:
@@ -265,8 +428,8 @@ class ProbeRuns:
             self.buffer[role] = []
 
     def finish(self, trials) -> None:
-        """Each probe's curve as the search kept it (``ProbeTrial.events``): the points not streamed yet
-        (a probe restarted by Tune reports its points again; its run keeps the first ones)."""
+        """Each probe's curve as the search kept it (``ProbeTrial.events``): the points not streamed yet."""
+        self.flush()
         for trial in trials:
             rid = self.ids.get(trial.role) or self._start_run(trial.role)
             self.run.tracker.log_history(rid, trial.events()[self.sent.get(trial.role, 0) :])

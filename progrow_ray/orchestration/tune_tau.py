@@ -1,10 +1,14 @@
-"""τ search with Ray Tune (the recipe's step 4, automatic).
+"""τ search with Ray Tune (the recipe's step 4, automatic, at scale).
 
-Concurrent trials with the main run's hyper-parameters and schedule: the fixed-size target model,
-the progressive model from 0 layers (optionally also 1) expanded right after warmup, and the source
-model never expanded (so that mixing only counts once depth measurably helps). Each reports its loss
-by tokens; a ``Stopper`` on the driver computes the mixing time as results arrive and stops every
-trial once the curves have mixed (or at the token cap). Then τ = end of stable − t_mix.
+Concurrent trials with the main run's hyper-parameters and schedule, sized by the search plan
+(``search_plan.py``): the fixed-size target model, the progressive model from 0 layers (optionally also
+1) expanded right after warmup, and the source model never expanded (so that mixing only counts once
+depth measurably helps). Each reports its loss every ``report_every`` steps; a ``Stopper`` on the driver
+feeds a ``MixingWatch`` (amortised O(1) per point) and stops every trial once the curves have mixed (or
+at the cap). Then τ = end of stable − t_mix.
+
+Probes checkpoint on a cadence and run under a ``FailureConfig``: a lost probe resumes from its last
+checkpoint, and a driver killed mid-search is continued by the same command (``Tuner.restore``).
 
 Optionally Optuna (``OptunaSearch``) first tunes the learning rate on the cheap source model; with
 Muon / muP the optimum transfers to the deep model (paper §3.2), so the main run uses it.
@@ -13,16 +17,17 @@ Muon / muP the optimum transfers to the deep model (paper §3.2), so the main ru
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
-from ..core.mixing import MixResult, TauPlan, plan_tau, t_mix
+from ..core.mixing import MixingWatch, MixResult, TauPlan, plan_tau, watch_curves
 from ..engine.config import RunConfig
 from ..engine.faults import faults_from_env, maybe_inject_fault
 from ..integrations.storage import RayStorage
 from .records import LrSearchResult, ProbeTrial, SearchResult
+from .search_plan import SearchPlan
 
 
 @dataclass(frozen=True)
@@ -36,48 +41,76 @@ class Probe:
     fault: Any = None  # the fault matrix's fault points (engine/faults.py); None outside tests
 
 
+POINT_KEYS = ("tokens", "step", "flops", "train_loss", "val_loss")
+
+
 def probe_trainable(config: dict) -> None:
-    """One Tune trial: the engine for ``probe.cap`` tokens, reporting every metric event."""
+    """One Tune trial: the engine for ``probe.cap`` tokens, reporting its metric events and a checkpoint
+    every ``train.checkpoint_every_tokens``; resumed from Tune's checkpoint after a failure or a restore."""
     import torch
     from ray import tune
 
+    from ..engine.checkpoint import read_checkpoint, write_checkpoint
     from ..engine.trainer import Trainer
 
     probe: Probe = config["trial"]
     torch.set_num_threads(max(1, probe.threads))
+    resume, first = None, {}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            resume = read_checkpoint(path)
+        first = {"resumed_from": resume["state.json"]["progress"]["tokens"]}
 
     def report(event: dict) -> None:
         maybe_inject_fault(probe.fault, "tau-search", 0, event["tokens"], role=probe.role)
         if event["event"] in ("train", "eval"):
+            point = {k: event[k] for k in POINT_KEYS if event.get(k) is not None}
+            tune.report({**point, "kind": event["event"], **first})
+            first.clear()
+
+    def save(trainer: Trainer, files: dict) -> None:
+        p = trainer.progress
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "checkpoint")
+            write_checkpoint(path, files)
             tune.report(
-                {
-                    k: event.get(k)
-                    for k in ("tokens", "step", "flops", "train_loss", "val_loss")
-                    if event.get(k) is not None
-                }
-                | {"kind": event["event"]}
+                {"tokens": p.tokens, "step": p.step, "flops": p.flops, "kind": "checkpoint"},
+                checkpoint=tune.Checkpoint.from_directory(path),
             )
 
-    Trainer(probe.run, save_checkpoint=lambda *_: None, on_metrics=report, log=lambda _: None).run(
+    Trainer(probe.run, save_checkpoint=save, resume=resume, on_metrics=report, log=lambda _: None).run(
         until_tokens=probe.cap
     )
 
 
-class Curves:
-    """Loss-vs-tokens curves per trial role, fed by Tune results."""
+class ProbePoints:
+    """Each probe's curve, (tokens, train loss, FLOPs) in token order, and where it restarted from: a
+    restarted probe reports again what it had after its checkpoint, and the repeats are dropped."""
 
     def __init__(self):
         self.points: dict[str, list[tuple[float, float, float]]] = {}
+        self.restarts: dict[str, list[int]] = {}
 
-    def add(self, role: str, result: dict) -> None:
-        if result.get("kind") == "train" and result.get("train_loss") is not None:
-            self.points.setdefault(role, []).append(
-                (result["tokens"], result["train_loss"], result.get("flops", 0.0))
-            )
+    def add(self, role: str, result: dict) -> bool:
+        resumed = result.get("resumed_from")
+        if resumed is not None and resumed == resumed:  # not NaN (a column other rows lack, read back)
+            self.restarts.setdefault(role, []).append(int(resumed))
+        loss = result.get("train_loss")
+        if loss is None or result.get("kind") != "train":
+            return False
+        pts = self.points.get(role)
+        if pts is None:
+            pts = self.points[role] = []
+        tokens = result["tokens"]
+        if pts and tokens <= pts[-1][0]:
+            return False
+        pts.append((tokens, loss, result.get("flops", 0.0)))
+        return True
 
-    def curve(self, role: str) -> tuple[np.ndarray, np.ndarray]:
+    def curve(self, role: str) -> tuple[list[float], list[float]]:
         pts = self.points.get(role, [])
-        return np.array([p[0] for p in pts], dtype=float), np.array([p[1] for p in pts], dtype=float)
+        return [p[0] for p in pts], [p[1] for p in pts]
 
 
 @dataclass(frozen=True)
@@ -88,174 +121,210 @@ class MixSettings:
     smoothing: float
     min_advantage: float = 0.0  # > 0: a "source" curve is probed and gates where mixing may start
 
-    def mix(self, curves: Curves, role: str = "progressive") -> MixResult | None:
-        ft, fl = curves.curve("fixed")
-        pt, pl = curves.curve(role)
-        if len(ft) < 2 or len(pt) < 2 or pt[-1] <= self.expand_at or ft[-1] <= self.expand_at:
-            return None
-        source = {}
-        if self.min_advantage > 0:
-            st, sl = curves.curve("source")
-            if len(st) < 2:
-                return None
-            source = dict(source_tokens=st, source_loss=sl, min_advantage_rel=self.min_advantage)
-        return t_mix(
-            ft, fl, pt, pl, self.expand_at, self.rel_tol, self.window_tokens, self.smoothing, **source
+    def watch(self) -> MixingWatch:
+        return MixingWatch(
+            self.expand_at,
+            self.rel_tol,
+            self.window_tokens,
+            self.smoothing,
+            self.min_advantage,
+            with_source=self.min_advantage > 0,
         )
 
+    def mix(self, points: ProbePoints, role: str = "progressive") -> MixResult | None:
+        """t_mix of ``role`` against the fixed curve, on every point so far (None: too few points)."""
+        curves = {"fixed": points.curve("fixed"), "progressive": points.curve(role)}
+        if self.min_advantage > 0:
+            curves["source"] = points.curve("source")
+        if any(len(t) < 2 for t, _ in curves.values()):
+            return None
+        if curves["progressive"][0][-1] <= self.expand_at or curves["fixed"][0][-1] <= self.expand_at:
+            return None
+        return watch_curves(self.watch(), curves)
 
-def make_stopper(curves: Curves, settings: MixSettings, on_result=None):
+
+# Tune pickles the stopper with the Tuner (tuner.pkl). A pickled stopper stands for the live one the
+# driver registers here under the search's name, so a restored search (Tuner.restore) is stopped by
+# the object that holds its curves, not by an empty copy from the Tuner's first start.
+_LIVE_STOPPERS: dict[str, Any] = {}
+
+
+def _live_stopper(key: str):
+    return _LIVE_STOPPERS.get(key) or make_stopper(key, None)
+
+
+def make_stopper(key: str, settings: MixSettings | None, on_result=None):
     from ray.tune import Stopper
 
     class MixingStopper(Stopper):
-        """Stops all trials as soon as the progressive curve has mixed with the fixed one. Also the
-        driver's live view of the probes (``on_result(role, result)``). Tune pickles it with its
-        experiment state, so the class closes over nothing and the callback is not pickled."""
+        """Stops all trials once the progressive curve has mixed with the fixed one (amortised O(1)
+        per result). Also the driver's live view of the probes (``on_result(role, result)``)."""
 
-        def __init__(self, curves: Curves, settings: MixSettings, on_result):
-            self.curves, self.settings, self.on_result, self.mixed = curves, settings, on_result, False
+        def __init__(self):
+            self.key, self.settings, self.on_result = key, settings, on_result
+            self.points = ProbePoints()
+            self.watch = settings.watch() if settings is not None else None
 
-        def __getstate__(self):
-            return {**self.__dict__, "on_result": None}
+        def __reduce__(self):
+            return _live_stopper, (self.key,)
+
+        def add(self, role: str, result: dict) -> bool:
+            if not self.points.add(role, result):
+                return False
+            if self.watch is not None and role in MixingWatch.ROLES:
+                self.watch.add(role, result["tokens"], result["train_loss"])
+            return True
 
         def __call__(self, trial_id, result):
             role = result["config"]["trial"].role
-            self.curves.add(role, result)
-            if self.on_result is not None:
+            if self.add(role, result) and self.on_result is not None:
                 self.on_result(role, result)
-            r = self.settings.mix(self.curves)
-            self.mixed = self.mixed or bool(r and r.mixed)
             return False
 
         def stop_all(self):
-            return self.mixed
+            return self.watch is not None and self.watch.mixed
 
-    return MixingStopper(curves, settings, on_result)
-
-
-def probe_flops_per_token(cfg) -> tuple[float, float]:
-    """(source, target) FLOPs per token of the probes' models (``tune.probe_model`` applied)."""
-    run = cfg.run_config()
-    return replace(run, model={**run.model, **cfg.tune.probe_model}).flops_per_unit()
+    stopper = MixingStopper()
+    if settings is not None:
+        _LIVE_STOPPERS[key] = stopper
+    return stopper
 
 
-def search_cap_tokens(cfg) -> int:
-    """Tokens per probe so that the probes' FLOPs stay within ``tune.search_fraction`` of the main run
-    (estimated at the configured τ), rounded down to whole global batches, at least warmup + 4 batches."""
-    t = cfg.tune
-    small, large = cfg.flops_per_unit()
-    total = cfg.train.total_tokens
-    tau = cfg.tau_tokens or 0
-    main = small * tau + large * (total - tau)
-    warmup = cfg.schedule_fn().warmup_tokens
-    probe_small, probe_large = probe_flops_per_token(cfg)
-    n_small = 1 + int(t.one_layer_probe) + int(t.min_depth_advantage > 0)
-    probes = probe_large + probe_small * n_small  # per token, all probes together
-    cap = t.max_search_tokens or int(t.search_fraction * main / probes)
-    b = cfg.train.batch_tokens
-    floor = int(math.ceil(warmup / b) + 4) * b
-    return max(floor, (cap // b) * b)
-
-
-def probe_runs(cfg, expand_at: int) -> dict[str, RunConfig]:
-    """The engine config of each probe: the main run's, at ``tune.probe_model``'s width, logging every step
-    (the curves t_mix is read from) and evaluating only at the very end."""
+def probe_runs(cfg, plan: SearchPlan) -> dict[str, RunConfig]:
+    """The engine config of each probe: the main run's, at the plan's probe model, logging every
+    ``report_every`` steps (the curves t_mix is read from), checkpointing on the plan's cadence and
+    evaluating only at the very end."""
     base = cfg.run_config()
     base = replace(
         base,
-        model={**base.model, **cfg.tune.probe_model},
+        model={**base.model, **plan.probe_model},
         train=replace(
             base.train,
-            checkpoint_every_tokens=None,
-            log_every=1,
+            checkpoint_every_tokens=plan.checkpoint_every,
+            checkpoint_every_s=None,
+            log_every=plan.report_every,
             eval_every_tokens=cfg.train.total_tokens,
             parallel="auto",  # a probe is one process: unwrapped, whatever the phases use
         ),
     )
     fixed = replace(base, growth=replace(base.growth, enabled=False))
     # the main run's source depth and method; the same batch as the fixed probe
-    grown = replace(base.growth, enabled=True, tau_tokens=expand_at, batch_tokens_after=None)
+    grown = replace(
+        base.growth, enabled=True, tau_tokens=plan.expand_at, tau_frac=None, batch_tokens_after=None
+    )
     runs = {"fixed": fixed, "progressive": replace(base, growth=grown)}
-    if cfg.tune.one_layer_probe and cfg.growth.source_depth != 1:
+    if "progressive-1" in plan.roles:
         runs["progressive-1"] = replace(base, growth=replace(grown, source_depth=1, method="random"))
-    if cfg.tune.min_depth_advantage > 0:  # the source model, never expanded
+    if "source" in plan.roles:  # the source model, never expanded
         runs["source"] = fixed.with_model_depth(cfg.growth.source_depth)
     return runs
 
 
 def search_tau(
-    cfg, *, storage: RayStorage, run_name: str, log=print, on_start=None, on_result=None
+    cfg,
+    plan: SearchPlan,
+    *,
+    storage: RayStorage,
+    run_name: str,
+    log=print,
+    on_start=None,
+    on_result=None,
 ) -> SearchResult:
-    """Run the probes, return mixing, τ plan, FLOPs and per-trial curves. ``on_start(roles, cap)`` and
-    ``on_result(role, result)`` let the driver show live progress."""
+    """Run (or continue) the probes, return mixing, τ plan, FLOPs and per-trial curves.
+    ``on_start(roles, cap, resumed)`` and ``on_result(role, result)`` let the driver show live progress."""
     from ray import tune
 
-    cap = search_cap_tokens(cfg)
-    warmup = cfg.schedule_fn().warmup_tokens
-    b = cfg.train.batch_tokens
-    expand_at = int(math.ceil(warmup / b)) * b  # end of warmup, on a step boundary
-    roles = probe_runs(cfg, expand_at)
-    trials = [
-        Probe(role, run, cap, max(1, int(cfg.tune.cpus_per_trial)), faults_from_env())
-        for role, run in roles.items()
-    ]
+    roles = probe_runs(cfg, plan)
     settings = MixSettings(
-        expand_at,
-        cfg.tune.rel_tol,
-        cfg.tune.window_frac * (cap - expand_at),
-        cfg.tune.smoothing,
-        cfg.tune.min_depth_advantage,
+        plan.expand_at, cfg.tune.rel_tol, plan.window, cfg.tune.smoothing, cfg.tune.min_depth_advantage
     )
-    curves = Curves()
+    stopper = make_stopper(f"{storage.uri}/{run_name}", settings, on_result)
     trainable = tune.with_resources(
         probe_trainable, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
     )
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=len(trials)),
-        run_config=tune.RunConfig(
-            name=run_name,
-            storage_path=storage.path,
+    path = f"{storage.path}/{run_name}"  # what Tune wants beside a filesystem: no s3:// scheme
+    resumed = tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem)
+    if resumed:  # a driver killed mid-search: every probe continues from its last checkpoint
+        tuner = tune.Tuner.restore(
+            path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
             storage_filesystem=storage.filesystem,
-            stop=make_stopper(curves, settings, on_result),
-            verbose=0,
-        ),
+        )
+        for res in tuner.get_results():  # what the probes reported before the driver went away
+            df = res.metrics_dataframe
+            for row in [] if df is None else df.to_dict("records"):
+                stopper.add(res.config["trial"].role, row)
+        log(f"continuing the search from its probes' checkpoints ({path})")
+    else:
+        trials = [
+            Probe(role, run, plan.cap, max(1, int(cfg.tune.cpus_per_trial)), faults_from_env())
+            for role, run in roles.items()
+        ]
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(trials)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=len(trials)),
+            run_config=tune.RunConfig(
+                name=run_name,
+                storage_path=storage.path,
+                storage_filesystem=storage.filesystem,
+                stop=stopper,
+                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                verbose=0,
+            ),
+        )
+    log(
+        f"{len(roles)} probes ({', '.join(roles)}) x <= {plan.cap:,} tokens at {plan.width_field}="
+        f"{plan.width}, expansion at {plan.expand_at:,} tokens"
     )
-    log(f"{len(trials)} probes ({', '.join(roles)}) x <= {cap:,} tokens, expansion at {expand_at:,} tokens")
-    if cap == int(math.ceil(warmup / b) + 4) * b and not cfg.tune.max_search_tokens:
-        log("warning: tune.search_fraction leaves less than warmup + 4 steps per probe; using that minimum")
     if on_start is not None:
-        on_start(list(roles), cap)
-    grid = tuner.fit()
+        on_start(list(roles), plan.cap, stopper.points)
+    try:
+        grid = tuner.fit()
+    finally:
+        _LIVE_STOPPERS.pop(stopper.key, None)
+    points = stopper.points
     summaries, search_flops = [], 0.0
     for res in grid:
         role = res.config["trial"].role
-        df = res.metrics_dataframe
-        rows = [] if df is None else df.to_dict("records")
-        train_rows = [r for r in rows if r.get("kind") == "train"]
-        curves.points[role] = [(r["tokens"], r["train_loss"], r["flops"]) for r in train_rows]
-        flops = float(max((r["flops"] for r in rows), default=0.0))
+        pts = points.points.get(role, [])
+        flops = max((p[2] for p in pts), default=0.0)
         search_flops += flops
         summaries.append(
             ProbeTrial(
                 role,
-                int(max((r["tokens"] for r in rows), default=0)),
+                int(max((p[0] for p in pts), default=0)),
                 flops,
-                [
-                    {"tokens": int(t), "train_loss": float(loss), "flops": float(f)}
-                    for t, loss, f in curves.points[role]
-                ],
+                [{"tokens": int(t), "train_loss": float(loss), "flops": float(f)} for t, loss, f in pts],
                 str(res.error) if res.error else None,
+                restarts=points.restarts.get(role, []),
             )
         )
     failed = [s for s in summaries if s.error]
     if failed:
         raise RuntimeError(f"tau search trial {failed[0].role} failed: {failed[0].error}")
-    mix = settings.mix(curves) or MixResult(False, None, None, None, float("nan"))
-    one_layer = settings.mix(curves, "progressive-1") if cfg.tune.one_layer_probe else None
+    mix = settings.mix(points) or MixResult(False, None, None, None, float("nan"))
+    one_layer = settings.mix(points, "progressive-1") if "progressive-1" in roles else None
+    return tau_from_mixing(
+        cfg,
+        mix,
+        search_flops=search_flops,
+        trials=tuple(summaries),
+        cap_tokens=plan.cap,
+        expand_at_tokens=plan.expand_at,
+        one_layer_t_mix_tokens=one_layer.t_mix_tokens if one_layer else None,
+        resumed=resumed,
+    )
+
+
+def tau_from_mixing(cfg, mix: MixResult, *, search_flops: float = 0.0, **fields) -> SearchResult:
+    """τ, the verdict and the saving from a mixing result (measured now, or from the registry)."""
     sched = cfg.schedule_fn()
     small, large = cfg.flops_per_unit()
+    b = cfg.train.batch_tokens
     plan: TauPlan = plan_tau(
         mix,
         total_tokens=cfg.train.total_tokens,
@@ -273,12 +342,9 @@ def search_tau(
         expand=plan.expand,
         verdict=plan.verdict,
         search_flops=search_flops,
-        trials=tuple(summaries),
-        cap_tokens=cap,
-        expand_at_tokens=expand_at,
         mix=mix.to_dict(),
         plan=plan.to_dict(),
-        one_layer_t_mix_tokens=one_layer.t_mix_tokens if one_layer else None,
+        **fields,
     )
 
 
@@ -289,13 +355,13 @@ def align_tau(tau: int, batch1: int, batch2: int, total: int) -> int:
     return max(batch1, (tau // batch1) * batch1)
 
 
-def search_lr(cfg, *, storage: RayStorage, run_name: str, log=print) -> LrSearchResult:
-    """Optuna over the LR on the source model (fixed size, the cheap one); returns the best LR."""
+def search_lr(cfg, tokens: int, *, storage: RayStorage, run_name: str, log=print) -> LrSearchResult:
+    """Optuna over the LR on the source model (fixed size, the cheap one) for ``tokens`` per trial
+    (``tune.lr_search.tokens``, else the probes' cap); returns the best LR."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     ls = cfg.tune.lr_search
-    tokens = ls.tokens or search_cap_tokens(cfg)
     source_depth = cfg.growth.source_depth
     base = cfg.run_config()
     base = replace(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from progrow_ray.core import ConfigError
-from progrow_ray.core.mixing import MixResult, plan_tau, t_mix
+from progrow_ray.core.mixing import MixingWatch, MixResult, plan_tau, t_mix
 
 TAU = 2_000
 
@@ -191,3 +191,80 @@ def test_safety_reproduces_the_papers_worked_example():
     assert (
         plan_tau(MixResult(True, 0, 540_000, 0.0, 0.0), **kw).tau_tokens < 540_000
     )  # never at the decay's start
+
+
+# ---- the incremental watch (the τ search's stopper) -----------------------------------------------
+def watched(
+    t_f, fixed, t_p, prog, expand, rel_tol, window, smoothing, src=None, min_adv=0.0, interleave=True
+):
+    """Feed a MixingWatch as Tune would: the curves interleaved point by point (or one after another)."""
+    w = MixingWatch(expand, rel_tol, window, smoothing, min_adv, with_source=src is not None)
+    streams = [("fixed", t_f, fixed), ("progressive", t_p, prog)] + ([("source", *src)] if src else [])
+    if interleave:
+        for i in range(max(len(s[1]) for s in streams)):
+            for role, t, loss in streams:
+                if i < len(t):
+                    w.add(role, float(t[i]), float(loss[i]))
+    else:
+        for role, t, loss in streams:
+            for x, y in zip(t, loss):
+                w.add(role, float(x), float(y))
+    return w
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_watch_gives_t_mix_s_answer_on_random_curves(seed):
+    rng = np.random.default_rng(seed)
+    t, fixed, prog = curves(
+        gap0=rng.uniform(0.2, 0.8), scale=rng.uniform(1_000, 6_000), noise=0.02, seed=seed
+    )
+    source = fixed * (1 + 0.04 * (1 - np.exp(-t / 5_000)))
+    kw = dict(rel_tol=0.01, window_tokens=float(rng.uniform(0, 5_000)), smoothing=float(rng.uniform(0, 0.9)))
+    for src, adv in ((None, 0.0), ((t, source), 0.02)):
+        extra = dict(source_tokens=src[0], source_loss=src[1], min_advantage_rel=adv) if src else {}
+        batch = t_mix(t, fixed, t, prog, TAU, **kw, **extra)
+        for interleave in (True, False):
+            w = watched(
+                t,
+                fixed,
+                t,
+                prog,
+                TAU,
+                kw["rel_tol"],
+                kw["window_tokens"],
+                kw["smoothing"],
+                src,
+                adv,
+                interleave,
+            )
+            got = w.outcome()
+            assert got.mixed == batch.mixed
+            assert got.t_mix_tokens == batch.t_mix_tokens and got.mixed_at_tokens == batch.mixed_at_tokens
+            if batch.mixed:
+                assert got.gap_after_mix_rel == pytest.approx(batch.gap_after_mix_rel, rel=1e-9)
+                # it knew at the first point after the window: at most one report later than the batch answer
+                assert w.judged <= int(np.sum(t <= batch.mixed_at_tokens + kw["window_tokens"])) + 1
+
+
+def test_watch_recovers_a_known_t_mix_within_5_percent_on_noisy_curves():
+    for scale in (2_000.0, 4_000.0, 8_000.0):
+        t, fixed, prog = curves(scale=scale, n=4_000, end=80_000, noise=0.002, seed=int(scale))
+        w = watched(t, fixed, t, prog, TAU, 0.01, 1_000, 0.8)
+        known = analytic_t_mix(0.01, scale=scale)
+        assert w.mixed and abs(w.result.t_mix_tokens - known) <= 0.05 * known, (scale, w.result, known)
+
+
+def test_watch_work_is_constant_per_point_and_restarts_are_ignored():
+    t, fixed, prog = curves(n=20_000, end=400_000, gap0=0.5, scale=1e9)  # never mixes: every point judged
+    w = MixingWatch(TAU, 0.01, 1_000, 0.5)
+    for i in range(len(t)):
+        w.add("fixed", t[i], fixed[i])
+        w.add("progressive", t[i], prog[i])
+        if i == 10_000:  # a restarted probe repeats what it reported since its checkpoint
+            assert not w.add("progressive", t[i - 5], prog[i - 5])
+    assert not w.mixed and w.judged == int(np.sum(t >= TAU))
+    # the interpolation cursor moved once per fixed point: amortised O(1), not a scan per report
+    assert w._fixed.j <= len(t)
+    assert "did not mix" in w.outcome().note
+    with pytest.raises(ConfigError, match="finite"):
+        w.add("fixed", t[-1] + 1, math.nan)

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,8 @@ import pytest
 from progrow_ray.core import ConfigError
 from progrow_ray.engine.config import load_run_config
 from progrow_ray.orchestration.config import PipelineConfig
-from progrow_ray.orchestration.tune_tau import align_tau, search_cap_tokens
+from progrow_ray.orchestration.search_plan import choose_prior, plan_search
+from progrow_ray.orchestration.tune_tau import align_tau
 
 from ..s3 import make_bucket
 
@@ -67,17 +69,57 @@ def test_default_tau_and_decay_agree_and_tau_in_the_decay_is_refused():
         from_dict(RunConfig, {**base, "optimizer": {"muon_scale": "kaiming"}}).validate()
 
 
-def test_search_cap_respects_the_budget_and_tau_aligns_to_both_batches():
-    cfg = load("tune.search_fraction=0.1", "train.total_tokens=1228800", "schedule.warmup_frac=0.01")
-    cap = search_cap_tokens(cfg)
-    assert cap % cfg.train.batch_tokens == 0
-
-    small = cfg.source_model_config().train_flops_per_unit(seq_len=32)
-    large = cfg.target_model_config().train_flops_per_unit(seq_len=32)
-    main = small * cfg.tau_tokens + large * (cfg.train.total_tokens - cfg.tau_tokens)
-    assert cap * (small + large) <= 0.1 * main
+def test_tau_aligns_to_both_batches():
     tau = align_tau(136_806, 2048, 8192, 196_608)
     assert tau == 131_072 and (196_608 - tau) % 8192 == 0 and tau % 2048 == 0
+
+
+def preset(name, *overrides):
+    return load_run_config(ROOT / "jobs" / name, list(overrides), cls=PipelineConfig)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")))
+def test_every_preset_s_search_plan_fits_its_budget_for_any_t_mix(name):
+    cfg = preset(name)
+    plan = plan_search(cfg, choose_prior(cfg))
+    assert plan.fits, plan.lines()
+    b = cfg.train.batch_tokens
+    assert plan.expand_at % b == 0 and plan.cap % b == 0 and plan.expand_at < plan.cap
+    assert plan.expand_at >= cfg.schedule_fn().warmup_tokens > plan.expand_at - b  # right after warmup
+    if (
+        not cfg.tune.max_search_tokens
+    ):  # 1.5x the prior after the expansion, unless the stable phase ends first
+        wanted = plan.expand_at + 1.5 * plan.prior.tokens
+        assert plan.cap >= min(wanted, cfg.schedule_fn().stable_end_tokens - b)
+    # the fraction is held whatever τ the search picks: recompute it independently at a few t_mix
+    small, large = cfg.flops_per_unit()
+    probe = replace(cfg, model={**cfg.model, **plan.probe_model})
+    ps, pl = probe.flops_per_unit()
+    total, stable = cfg.train.total_tokens, cfg.schedule_fn().stable_end_tokens
+    for t_mix in (0, plan.prior.tokens // 4, plan.prior.tokens, plan.cap - plan.expand_at):
+        stop = min(plan.cap, plan.expand_at + t_mix + plan.window)
+        search = pl * stop + (ps * plan.expand_at + pl * (stop - plan.expand_at)) + ps * stop
+        tau = stable - t_mix * (1 + cfg.tune.safety)
+        main = small * tau + large * (total - tau) if tau > cfg.schedule_fn().warmup_tokens else large * total
+        assert search / main <= plan.budget * 1.01, (t_mix, search / main)
+
+
+def test_the_probe_width_is_the_widest_that_fits_and_a_search_that_cannot_fit_is_refused():
+    cfg = preset("gpt2-124m.yaml")
+    plan = plan_search(cfg, choose_prior(cfg))
+    assert plan.width_auto and plan.width % 64 == 0 and plan.prior.source.startswith("paper prior")
+    wider = plan_search(replace(cfg, tune=replace(cfg.tune, min_probe_width=plan.width + 64)), plan.prior)
+    assert not wider.fits  # one head wider would not fit: the plan took the widest
+    # a prior 2x the paper's on a 1% budget cannot fit even one head wide: refused with the numbers
+    cfg2 = preset("gpt2-124m.yaml", "tune.t_mix_prior_tokens=32000000000", "tune.search_fraction=0.01")
+    big = plan_search(cfg2, choose_prior(cfg2))
+    assert not big.fits and big.prior.source == "tune.t_mix_prior_tokens" and big.width == 64
+    assert (
+        big.cap == int(cfg2.schedule_fn().stable_end_tokens) // 65536 * 65536
+    )  # no further than the stable phase
+    assert "does not fit its budget" in big.refusal() and "tune.search_fraction=1.0%" in big.refusal()
+    # the user raising the budget lets it run
+    assert plan_search(replace(cfg2, tune=replace(cfg2.tune, search_fraction=0.1)), big.prior).fits
 
 
 @pytest.mark.cluster

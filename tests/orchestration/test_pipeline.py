@@ -321,6 +321,87 @@ def test_rerun_resumes_a_killed_driver_and_skips_a_finished_run(text_corpus, pre
     assert "already finished" in again
 
 
+def test_a_measured_t_mix_is_reused_by_a_matching_pipeline_and_not_for_another_lr(
+    text_corpus, prepared, tmp_path
+):
+    """The registry: a search's t_mix is recorded with its fingerprint (run storage and MLflow); a second
+    pipeline with the same fingerprint skips the search and uses it, then writes its measured loss gap
+    back; another learning rate does not match (tune.reuse=only refuses it at start)."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    mixes = (
+        "--set",
+        "tune.min_depth_advantage=0",
+        "--set",
+        "tune.rel_tol=0.05",
+        "--set",
+        "tune.on_no_saving=expand",
+    )
+    run(
+        pipeline_cmd(
+            text_corpus, prepared, out, *mixes, "--set", "name=first", "--set", "baseline.enabled=false"
+        )
+    )
+    first = json.loads((out / "first" / "report.json").read_text())["tau_search"]
+    reg = first["registry"]
+    assert first["t_mix_tokens"] is not None and reg["reused"] is False and first["search_flops"] > 0
+    registry = out / "tmix-registry"
+    listed = run([sys.executable, "-m", "progrow_ray.tmix", "list", "--registry", str(registry)])
+    assert reg["key"] in listed and f"{first['t_mix_tokens']:,}" in listed
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (search_run,) = client.search_runs(
+        [client.get_experiment_by_name("progrow_ray").experiment_id],
+        f"tags.`progrow.tmix.key` = '{reg['key']}'",
+    )
+    assert search_run.data.metrics["t_mix_tokens"] == first["t_mix_tokens"]
+    assert json.loads(search_run.data.tags["progrow.tmix.fingerprint"])["optimizer"]["lr"] == 0.01
+
+    log = run(
+        pipeline_cmd(text_corpus, prepared, out, *mixes, "--set", "name=second", "--set", "tune.reuse=only")
+    )
+    assert "from the registry" in log and "τ search (Ray Tune)" not in log
+    second = json.loads((out / "second" / "report.json").read_text())
+    s = second["tau_search"]
+    assert s["registry"]["reused"] and s["registry"]["key"] == reg["key"] and s["search_flops"] == 0
+    assert s["t_mix_tokens"] == first["t_mix_tokens"] and s["tau_tokens"] == first["tau_tokens"]
+    entry = json.loads((registry / f"{reg['key']}.json").read_text())
+    (outcome,) = entry["measurements"][-1]["outcomes"]  # the baseline's measured gap, written back
+    assert outcome["run"] == "second" and outcome["measured_gap_rel"] == pytest.approx(
+        second["savings"]["loss_gap_rel"]
+    )
+
+    other = subprocess.run(
+        pipeline_cmd(
+            text_corpus,
+            prepared,
+            out,
+            *mixes,
+            "--set",
+            "name=third",
+            "--set",
+            "tune.reuse=only",
+            "--set",
+            "optimizer.lr=0.02",
+        ),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        other.returncode == 2
+        and "tune.reuse=only" in other.stderr
+        and "no t_mix for this run" in other.stderr
+    )
+    assert not (out / "third").exists()  # refused before anything of the run was written
+    forgot = run(
+        [sys.executable, "-m", "progrow_ray.tmix", "forget", reg["key"], "--registry", str(registry)]
+    )
+    assert "forgot 1 measurement" in forgot and not (registry / f"{reg['key']}.json").exists()
+
+
 def test_ray_job_submit_against_a_started_head(text_corpus, prepared, tmp_path):
     gcs, dash = free_port(), free_port()
     env = {**ENV, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
@@ -369,7 +450,9 @@ def test_ray_job_submit_against_a_started_head(text_corpus, prepared, tmp_path):
                 "--set",
                 "tune.on_no_saving=expand",
                 "--set",
-                "tune.search_fraction=0.5",
+                "tune.search_fraction=1.0",
+                "--set",  # four probes fit the budget with an earlier expansion
+                "schedule.warmup_frac=0.02",
                 "--set",
                 "baseline.enabled=false",
             ),

@@ -78,6 +78,19 @@ CASES = [
     ("warmup fraction", PIPE, ["schedule.warmup_frac=1.5"], ["schedule.warmup_frac must be in [0, 1)"]),
     ("search fraction", PIPE, ["tune.search_fraction=2"], ["tune.search_fraction must be in (0, 1]"]),
     (
+        "search over its budget",
+        PIPE,
+        ["tune.search_fraction=0.05"],
+        ["the tau search does not fit its budget", "cost up to", "over tune.search_fraction=5.0%"],
+    ),
+    ("unknown reuse policy", PIPE, ["tune.reuse=sometimes"], ["tune.reuse must be one of"]),
+    (
+        "reuse only, registry empty",
+        PIPE,
+        ["tune.reuse=only"],
+        ["tune.reuse=only: the mixing-time registry", "has no t_mix for this run's fingerprint"],
+    ),
+    (
         "no-saving policy",
         PIPE,
         ["tune.on_no_saving=maybe"],

@@ -85,6 +85,19 @@ def wait_for(predicate, proc, timeout=400):
         raise
 
 
+def probes_checkpointed(search_dir, trials) -> bool:
+    """Tune's experiment state (what Tuner.restore reads) has a checkpoint as the last result of each of
+    ``trials`` (their indices in the grid: fixed 0, progressive 1, source 2)."""
+    for state in search_dir.glob("experiment_state-*.json"):
+        try:
+            data = json.loads(state.read_text())["trial_data"]
+        except (ValueError, KeyError):
+            return False  # being written
+        last = {json.loads(t)["trial_id"][-5:]: json.loads(r).get("last_result") or {} for t, r in data}
+        return all(last.get(f"{i:05d}", {}).get("checkpoint_dir_name") for i in trials)
+    return False
+
+
 def test_driver_killed_in_the_search_and_in_phase1_resumes(clean, text_corpus, prepared, tmp_path):
     out = tmp_path / "out"
     cmd = pipeline_cmd(
@@ -94,15 +107,17 @@ def test_driver_killed_in_the_search_and_in_phase1_resumes(clean, text_corpus, p
         "--set",
         "baseline.enabled=false",
         "--set",
-        "tune.search_fraction=0.5",
+        "tune.search_fraction=1.0",
         "--set",
         "tune.on_no_saving=expand",
     )
     root = out / "tiny"
 
-    def start(hold: dict):
+    def start(faults):
         # the run blocks at the hold point (a fault of the action "hold"): the kill cannot come too late
-        env = {**ENV, "PROGROW_FAULT": json.dumps({**hold, "action": "hold"})}
+        faults = [faults] if isinstance(faults, dict) else faults
+        faults = [f if "role" in f and f["at_tokens"] == 1024 else {**f, "action": "hold"} for f in faults]
+        env = {**ENV, "PROGROW_FAULT": json.dumps(faults)}
         return subprocess.Popen(
             cmd,
             cwd=ROOT,
@@ -117,12 +132,27 @@ def test_driver_killed_in_the_search_and_in_phase1_resumes(clean, text_corpus, p
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
-    # 1. during the tau search: the fixed-size probe holds at its first report after the expansion point,
-    #    before the curves can have mixed
-    held = tmp_path / "held-search.json"
-    proc = start({"phase": "tau-search", "role": "fixed", "at_tokens": 1536, "marker": str(held)})
-    wait_for(held.exists, proc)
-    assert json.loads(held.read_text())["tokens"] == 1536
+    # 1. during the tau search: the progressive probe is killed at 1,024 tokens (Tune restarts it from its
+    #    checkpoint at 512), then holds at 2,048; the fixed probe holds at 1,536. The driver is killed once
+    #    Tune's experiment state has both probes' checkpoints: they are what the restore resumes from.
+    held = {r: tmp_path / f"held-{r}.json" for r in ("fixed", "progressive")}
+    killed = tmp_path / "killed-progressive.json"
+    proc = start(
+        [
+            {"phase": "tau-search", "role": "progressive", "at_tokens": 1024, "marker": str(killed)},
+            {"phase": "tau-search", "role": "fixed", "at_tokens": 1536, "marker": str(held["fixed"])},
+            {
+                "phase": "tau-search",
+                "role": "progressive",
+                "at_tokens": 2048,
+                "marker": str(held["progressive"]),
+            },
+        ]
+    )
+    search_dir = root / "ray" / "tiny-tau-search"
+    wait_for(lambda: killed.exists() and all(m.exists() for m in held.values()), proc)
+    wait_for(lambda: probes_checkpointed(search_dir, (0, 1)), proc)
+    assert json.loads(held["fixed"].read_text())["tokens"] == 1536
     kill(proc)
     state = json.loads((root / "pipeline_state.json").read_text())
     assert "tau_search" not in state  # the search had not finished
@@ -136,6 +166,16 @@ def test_driver_killed_in_the_search_and_in_phase1_resumes(clean, text_corpus, p
     kill(proc)
     state = json.loads((root / "pipeline_state.json").read_text())
     assert "tau_search" in state and "phases" not in state
+    # the search was continued (Tuner.restore), not started over: no probe restarted from zero
+    search = state["tau_search"]
+    assert search["resumed"]
+    trials = {t["role"]: t for t in search["trials"]}
+    assert trials["progressive"]["restarts"][0] == 512  # Tune's own restart after the kill
+    for role in ("fixed", "progressive"):
+        assert trials[role]["restarts"][-1] >= 1024, trials[role]["restarts"]  # the driver's restore
+        assert all(r > 0 for r in trials[role]["restarts"])
+        tokens = [p["tokens"] for p in trials[role]["curve"]]
+        assert tokens == sorted(set(tokens)) and tokens[0] == 512  # one curve, no point twice
     # 3. the same command finishes: search skipped, phase 1 resumed from its checkpoint
     log = run(cmd)
     assert "τ search" not in log  # the finished search is not run again

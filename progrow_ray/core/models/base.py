@@ -40,6 +40,13 @@ class ModelConfig:
 
     unit: ClassVar[str]  # "token" (language models) or "image" (ResNet): what train.total_tokens counts
     depth_field: ClassVar[str]  # the dataclass field holding the depth (n_layer, blocks)
+    width_field: ClassVar[str]  # the dataclass field holding the width (n_embd, base_width)
+
+    @property
+    def width_step(self) -> int:
+        """The smallest width change that keeps the architecture valid (one attention head, ...): the
+        τ search narrows its probes in these steps."""
+        raise NotImplementedError
 
     @property
     def depth(self) -> Any:
@@ -63,6 +70,11 @@ class LanguageModelConfig(ModelConfig):
 
     unit = "token"
     depth_field = "n_layer"
+    width_field = "n_embd"
+
+    @property
+    def width_step(self) -> int:
+        return self.head_dim  # one head (the paper keeps the head dimension at every width)
 
     @property
     def depth(self) -> int:

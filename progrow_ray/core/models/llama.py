@@ -42,6 +42,10 @@ class LlamaConfig(LanguageModelConfig):
         require(self.multiple_of >= 1, "model.multiple_of must be >= 1")
 
     @property
+    def width_step(self) -> int:
+        return self.head_dim * self.n_kv_head  # one query head per K/V head
+
+    @property
     def n_head(self) -> int:
         return self.n_embd // self.head_dim
 

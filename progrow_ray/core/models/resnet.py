@@ -30,6 +30,8 @@ class ResNetConfig(ModelConfig):
 
     unit = "image"
     depth_field = "blocks"
+    width_field = "base_width"
+    width_step = 8  # channels
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(self.blocks))
