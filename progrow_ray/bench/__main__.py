@@ -13,6 +13,10 @@
     The τ search's stopper: total CPU for the reported points of three probes, against the old
     recompute-everything stopper measured at a few sizes in the same run (``stopper.py``).
 
+``python -m progrow_ray.bench prepare [--mb 12] [--no-ray]``
+    ``data prepare`` tokens/s: one process, every local core, Ray Data on a local cluster; ratios to one
+    process, and whether the engines wrote identical shards (``prepare.py``).
+
 ``python -m progrow_ray.bench savings --config jobs/smoke.yaml --taus 0.25,0.5,0.8 [--json]``
     A fixed-size run and one progressive run per τ through the engine: final val loss, relative gap
     and FLOPs fraction per τ.
@@ -219,7 +223,26 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("stopper", help="the tau search's stopper: CPU per reported point")
     st.add_argument("--points", type=int, default=500_000)
     st.add_argument("--json", action="store_true")
+    pr = sub.add_parser("prepare", help="data prepare tokens/s: one process, all cores, Ray Data")
+    pr.add_argument("--mb", type=float, default=12.0, help="MB of source text (the standard library's)")
+    pr.add_argument("--no-ray", action="store_true")
+    pr.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "prepare":
+        from .prepare import prepare_bench
+
+        result = prepare_bench(args.mb, ray_data=not args.no_ray)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"data prepare, {result['source_mb']:g} MB of source, {result['cores']} cores")
+            for r in result["rows"]:
+                print(
+                    f"{r['engine']:>22}: {r['tokens_per_s'] / 1e6:6.2f} M tokens/s "
+                    f"({r['tokens']:,} in {r['seconds']:.1f} s), {r['vs_one_process']:.2f}x one process"
+                )
+            print(f"shards identical across engines: {result['identical']}")
+        return 0
     if args.command == "stopper":
         from .stopper import stopper_bench
 

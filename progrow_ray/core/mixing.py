@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -205,7 +205,7 @@ class MixingWatch:
         self._fixed, self._source = _Cursor(self.curves["fixed"]), _Cursor(self.curves["source"])
         self._pending: deque[int] = deque()  # progressive points not judged yet
         self._start: tuple[float, float, float | None] | None = None  # (tokens, worst gap, advantage)
-        self._any_start = False
+        self._any_advantage = False  # depth showed its advantage at some judged point
         self._last: tuple[float, float | None] | None = None  # (gap, advantage) of the last judged point
         self.judged = 0  # progressive points judged (for the O(1) test)
         self.result: MixResult | None = None  # set once mixed; never changes after
@@ -224,18 +224,23 @@ class MixingWatch:
             return False
         if role == "progressive" and tokens >= self.expand_at:
             self._pending.append(len(curve.tokens) - 1)
-        if self._pending and self.result is None:
+        if self._pending:
             self._judge()
         return True
 
-    def _judge(self) -> None:
+    def _judge(self, final: bool = False) -> None:
+        """Judge the pending progressive points the other curves have reached (``final``: every point the
+        fixed curve has reached; beyond the source curve's end depth cannot have shown its advantage)."""
         prog, fixed, source = self.curves["progressive"], self.curves["fixed"], self.curves["source"]
         pending, ft, st = self._pending, fixed.tokens, source.tokens
-        while pending and self.result is None:
+        while pending:
             i = pending[0]
             t = prog.tokens[i]
-            if not ft or ft[-1] < t or (self.with_source and (not st or st[-1] < t)):
-                return  # wait for the other curves to reach t
+            if not ft or ft[-1] < t:
+                return  # wait for the fixed curve to reach t
+            beyond_source = self.with_source and (not st or st[-1] < t)
+            if beyond_source and not final:
+                return  # wait for the source curve too
             pending.popleft()
             f = self._fixed.at(t)
             if f is None:
@@ -243,23 +248,31 @@ class MixingWatch:
             self.judged += 1
             advantage = None
             if self.with_source:
-                s = self._source.at(t)
-                s = source.loss[0] if s is None else s  # before its first point: its first value (np.interp)
-                advantage = (s - f) / f
+                if beyond_source:
+                    advantage = -math.inf  # not observed: cannot start a window (as t_mix)
+                else:
+                    s = self._source.at(t)
+                    s = (
+                        source.loss[0] if s is None else s
+                    )  # before its first point: its first value (np.interp)
+                    advantage = (s - f) / f
             self._step(t, (prog.loss[i] - f) / f, advantage)
 
     def _step(self, t: float, gap: float, advantage: float | None) -> None:
+        self._last = (gap, advantage)
+        if advantage is not None and advantage >= self.min_advantage:
+            self._any_advantage = True
+        if self.result is not None:
+            return  # mixed already: only the last gap is kept current
         start = self._start
         if start is not None and t > start[0] + self.window:  # the window closed before this point
             return self._mix(start)
-        self._last = (gap, advantage)
         if gap > self.rel_tol:
             self._start = None  # breaks the window of every start so far
             return
         if start is None:
             if advantage is None or advantage >= self.min_advantage:
                 self._start = start = (t, gap, advantage)
-                self._any_start = True
         else:
             self._start = start = (start[0], max(start[1], gap), start[2])
         if start is not None and t >= start[0] + self.window:
@@ -267,16 +280,22 @@ class MixingWatch:
 
     def _mix(self, start) -> None:
         t, worst, advantage = start
-        last = self._last[0] if self._last else float("nan")
-        self.result = MixResult(True, int(round(t - self.expand_at)), int(round(t)), worst, last, advantage)
+        self.result = MixResult(
+            True, int(round(t - self.expand_at)), int(round(t)), worst, float("nan"), advantage
+        )
+
+    def finish(self) -> MixResult:
+        """The outcome on the curves as they stand, none of them growing any more (``t_mix``'s answer)."""
+        self._judge(final=True)
+        return self.outcome()
 
     def outcome(self) -> MixResult:
-        """The result so far: mixed, or why not (as ``t_mix`` words it)."""
-        if self.result is not None:
-            return self.result
+        """The result so far: mixed (with the gap at the last judged point), or why not (as ``t_mix``)."""
         require(self._last is not None, "the curves share no point after the expansion: run them longer")
         last, advantage = self._last
-        return not_mixed(last, advantage, self.with_source and not self._any_start, self.min_advantage)
+        if self.result is not None:
+            return replace(self.result, last_gap_rel=last)
+        return not_mixed(last, advantage, self.with_source and not self._any_advantage, self.min_advantage)
 
 
 def watch_curves(watch: MixingWatch, curves: dict[str, tuple[Sequence[float], Sequence[float]]]) -> MixResult:
@@ -285,7 +304,7 @@ def watch_curves(watch: MixingWatch, curves: dict[str, tuple[Sequence[float], Se
         t, loss = _curve(*curves[role], f"{role} curve")
         for x, y in zip(t.tolist(), loss.tolist()):
             watch.add(role, x, y)
-    return watch.outcome()
+    return watch.finish()
 
 
 # Mixing times the paper reports, in the run's units: the τ search's prior when nothing better is known

@@ -1,12 +1,27 @@
-"""``python -m progrow_ray.data prepare --source SRC --out DST``."""
+"""``python -m progrow_ray.data prepare --source SRC --out DST [--engine ray|local|auto]``.
+
+``local`` tokenises in this process on every core (``--threads``); ``ray`` on Ray Data across the
+cluster at ``RAY_ADDRESS`` (a local one when unset); ``auto`` (default) uses Ray when ``RAY_ADDRESS`` is
+set (``ray job submit``), else local. Both write the same bytes."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..cli import run_cli
+from ..core.errors import require
 from .prepare import PrepareSettings, prepare
+
+ENGINES = ("auto", "local", "ray")
+
+
+def engine_for(choice: str) -> str:
+    require(choice in ENGINES, f"--engine must be one of {list(ENGINES)}, got {choice!r}")
+    if choice == "auto":
+        return "ray" if os.environ.get("RAY_ADDRESS") else "local"
+    return choice
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,10 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--shard-tokens", type=int, default=50_000_000)
     p.add_argument("--max-source-bytes", type=int, default=None)
+    p.add_argument("--engine", default="auto", help="auto (Ray when RAY_ADDRESS is set), local or ray")
+    p.add_argument("--threads", type=int, default=None, help="local engine: tokeniser threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     settings = PrepareSettings(args.val_fraction, args.shard_tokens, args.max_source_bytes)
-    prepare(args.source, args.out, settings, progress=not args.no_progress)
+    engine = engine_for(args.engine)
+    tokens = None
+    if engine == "ray":  # the CLI sits above the layers: Ray only here, and only when asked for
+        import ray
+
+        from ..orchestration.prepare_ray import ray_tokens
+
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="ERROR", log_to_driver=False)
+        tokens = ray_tokens
+    prepare(args.source, args.out, settings, progress=not args.no_progress, tokens=tokens, threads=args.threads)
     return 0
 
 

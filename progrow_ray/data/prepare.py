@@ -13,12 +13,15 @@ settings finds ``meta.json`` with the same fingerprint and does nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -109,9 +112,125 @@ class _ShardWriter:
         return {"tokens": sum(s["tokens"] for s in self.shards), "documents": self.documents, "shards": self.shards}
 
 
+# A (document name, index in its file, tokens + <|endoftext|>) stream, in file order then document order:
+# what an engine produces and the shard writer consumes. Any engine that keeps this order writes the same
+# bytes.
+TokenStream = Iterator[tuple[str, int, np.ndarray]]
+BATCH_BYTES = 2 << 20  # documents tokenised together: memory stays bounded (~40 MB), every core is busy
+
+
+def within_budget(files: list[SourceFile], settings: PrepareSettings) -> list[SourceFile]:
+    """The files ``prepare`` reads: in order, while fewer than ``max_source_bytes`` have been read."""
+    if settings.max_source_bytes is None:
+        return files
+    out, read = [], 0
+    for f in files:
+        if read >= settings.max_source_bytes:
+            break
+        out.append(f)
+        read += f.size
+    return out
+
+
+def _one(enc, doc: str) -> np.ndarray:
+    ids = enc.encode_to_numpy(doc, disallowed_special=())  # no special tokens: encode_ordinary's ids
+    arr = np.empty(len(ids) + 1, dtype=np.uint16)
+    arr[:-1] = ids
+    arr[-1] = EOT
+    return arr
+
+
+def encode(enc, docs: list[str], threads: int) -> list[np.ndarray]:
+    """GPT-2 tokens of each document plus its <|endoftext|>, as uint16. tiktoken encodes into a buffer
+    in native code without the GIL: ``threads`` cores, no processes, no Python ints."""
+    if threads <= 1 or len(docs) <= 1:
+        return [_one(enc, d) for d in docs]
+    return list(_pool(threads).map(lambda d: _one(enc, d), docs))
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="tokenise")
+
+
+def batched_tokens(docs: Iterator[tuple[str, int, str]], threads: int, batch_bytes: int = BATCH_BYTES) -> TokenStream:
+    """(name, index, text) documents -> (name, index, tokens), tokenised a batch of documents at a time
+    (across files: many small files keep every thread busy too)."""
+    enc = gpt2_encoding()
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc[2])
+        if size >= batch_bytes:
+            yield from _encoded(enc, batch, threads)
+            batch, size = [], 0
+    yield from _encoded(enc, batch, threads)
+
+
+def _encoded(enc, batch, threads) -> TokenStream:
+    for (name, i, _), arr in zip(batch, encode(enc, [d[2] for d in batch], threads)):
+        yield name, i, arr
+
+
+def file_documents(files: list[SourceFile], bar=None) -> Iterator[tuple[str, int, str]]:
+    for f in files:
+        for i, text in enumerate(read_documents(f)):
+            yield f.name, i, text
+        if bar is not None:
+            bar.update(f.size)
+
+
+def file_groups(files: list[SourceFile], target_bytes: int) -> list[list[SourceFile]]:
+    """Consecutive files in groups of at least ``target_bytes`` (a large file is a group of its own)."""
+    groups, current, size = [], [], 0
+    for f in files:
+        current.append(f)
+        size += f.size
+        if size >= target_bytes:
+            groups.append(current)
+            current, size = [], 0
+    return groups + ([current] if current else [])
+
+
+def _group_tokens(group: list[SourceFile]) -> list[tuple[str, int, np.ndarray]]:
+    return list(batched_tokens(file_documents(group), 1))
+
+
+def local_tokens(files: list[SourceFile], threads: int, bar=None) -> TokenStream:
+    """The local engine: one process, ``threads`` threads each reading and tokenising a group of files
+    (tiktoken runs without the GIL), results in file order, at most 2 groups per thread in flight. A file
+    larger than a group is streamed by one thread, its documents in batches."""
+    if threads <= 1:
+        yield from batched_tokens(file_documents(files, bar), 1)
+        return
+    groups = file_groups(files, BATCH_BYTES)
+    pool, pending = _pool(threads), deque()
+    for group in groups:
+        if sum(f.size for f in group) > 4 * BATCH_BYTES:  # a large file: streamed, never whole in memory
+            while pending:
+                yield from _done(pending.popleft(), bar)
+            yield from batched_tokens(file_documents(group, bar), threads)
+            continue
+        pending.append((group, pool.submit(_group_tokens, group)))
+        if len(pending) >= 2 * threads:
+            yield from _done(pending.popleft(), bar)
+    while pending:
+        yield from _done(pending.popleft(), bar)
+
+
+def _done(item, bar) -> TokenStream:
+    group, future = item
+    yield from future.result()
+    if bar is not None:
+        bar.update(sum(f.size for f in group))
+
+
 def prepare(source: str, dst: str, settings: PrepareSettings = PrepareSettings(), *,
-            progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Tokenise ``source`` into ``dst``; returns the metadata. A no-op when ``dst`` is up to date."""
+            progress: bool = True, log: Callable[[str], None] = print,
+            tokens: Callable[[list[SourceFile]], TokenStream] | None = None, threads: int | None = None) -> dict:
+    """Tokenise ``source`` into ``dst``; returns the metadata. A no-op when ``dst`` is up to date.
+    ``tokens(files)`` is the engine (default: this process, ``threads`` tokeniser threads, all cores);
+    the Ray Data engine (``orchestration/prepare_ray.py``) passes its own and writes the same bytes."""
     files = list_files(source)
     fp = fingerprint(source, files, settings)
     existing = read_meta(dst)
@@ -126,26 +245,14 @@ def prepare(source: str, dst: str, settings: PrepareSettings = PrepareSettings()
             fs.rm(_join(root, META))
     except (PermissionError, OSError) as e:
         raise ConfigError(f"data.uri {dst}: cannot write there ({type(e).__name__}: {e})") from e
-    enc = gpt2_encoding()
+    used = within_budget(files, settings)
     writers = {s: _ShardWriter(fs, root, s, settings.shard_tokens) for s in ("train", "val")}
-    total = sum(f.size for f in files)
-    budget = settings.max_source_bytes if settings.max_source_bytes is not None else total
-    threads = os.cpu_count() or 1
     # disable=None: a bar on a terminal only, never a wall of carriage returns in a log
-    bar = tqdm(total=min(total, budget), unit="B", unit_scale=True, desc="tokenising", disable=None if progress else True)
-    read = 0
-    for f in files:
-        if read >= budget:
-            break
-        docs = list(read_documents(f))
-        # tiktoken's batch encoder runs in native threads without the GIL: all cores, no processes.
-        for i, ids in enumerate(enc.encode_ordinary_batch(docs, num_threads=threads)):
-            arr = np.empty(len(ids) + 1, dtype=np.uint16)
-            arr[:-1] = ids
-            arr[-1] = EOT
-            writers["val" if is_val(f"{f.name}#{i}", settings.val_fraction) else "train"].add(arr)
-        read += f.size
-        bar.update(f.size)
+    bar = tqdm(total=sum(f.size for f in used), unit="B", unit_scale=True, desc="tokenising",
+               disable=None if progress else True)
+    stream = tokens(used) if tokens is not None else local_tokens(used, threads or os.cpu_count() or 1, bar)
+    for name, i, arr in stream:
+        writers["val" if is_val(f"{name}#{i}", settings.val_fraction) else "train"].add(arr)
     bar.close()
     splits = {s: w.close() for s, w in writers.items()}
     require(splits["train"]["tokens"] > 0, f"data.source {source!r}: the corpus is empty after tokenising")

@@ -9,54 +9,35 @@ where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..core.errors import ConfigError, require
-from ..integrations.storage import filesystem, is_local, sha256_of
-from .prepare import FORMAT, _join, read_meta
+from ..integrations.storage import filesystem, is_local
+from .cache import (CorruptDataError, cached_shards, default_cache_dir, file_sha256, local_verified,
+                    mark_local_verified)
+from .prepare import FORMAT, read_meta
+
+__all__ = ["CorruptDataError", "TokenShards", "TokenData", "SequenceSampler", "default_cache_dir"]
 
 
-class CorruptDataError(ConfigError):
-    """A shard does not match meta.json."""
-
-
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as fh:
-        return sha256_of(fh)
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("PROGROW_CACHE", str(Path.home() / ".cache" / "progrow_ray"))
-
-
-def local_shard_dir(uri: str, meta: dict, cache_dir: str | None) -> str:
-    """``uri`` itself when local; else a local copy of its shards (downloaded once, sha-checked)."""
-    fs, root = filesystem(uri)
-    if is_local(fs):
-        return root
-    local = Path(cache_dir or default_cache_dir()) / hashlib.sha256(f"{uri}\0{meta['fingerprint']}".encode()).hexdigest()[:16]
-    local.mkdir(parents=True, exist_ok=True)
-    for split in meta["splits"].values():
-        for shard in split["shards"]:
-            target = local / shard["file"]
-            if target.exists() and _file_sha256(str(target)) == shard["sha256"]:
-                continue
-            tmp = target.with_suffix(".part")
-            fs.get(_join(root, shard["file"]), str(tmp))
-            os.replace(tmp, target)
-    return str(local)
+def _check_sha(uri: str, root: str, shard: dict) -> None:
+    path = os.path.join(root, shard["file"])
+    if not os.path.exists(path):
+        raise CorruptDataError(f"data.uri {uri}: shard {shard['file']} is missing; re-run prepare")
+    if file_sha256(path) != shard["sha256"]:
+        raise CorruptDataError(f"data.uri {uri}: shard {shard['file']} does not match its sha256 in "
+                               "meta.json (corrupted or partially written); re-run prepare")
 
 
 class TokenShards:
     """One split (train / val) of a prepared dataset, as a single virtual token array."""
 
-    def __init__(self, uri: str, split: str, verify: bool = True, cache_dir: str | None = None):
+    def __init__(self, uri: str, split: str, verify: bool = True, cache_dir: str | None = None,
+                 cache_max_gb: float | None = None):
         meta = read_meta(uri)
         if meta is None:
             raise ConfigError(f"data.uri {uri}: no prepared data (meta.json missing); run "
@@ -64,20 +45,31 @@ class TokenShards:
         require(meta.get("format") == FORMAT, f"data.uri {uri}: unknown format {meta.get('format')!r}")
         require(split in meta["splits"], f"data.uri {uri}: no split {split!r}")
         self.meta, self.split = meta, split
-        root = local_shard_dir(uri, meta, cache_dir)
+        fs, root = filesystem(uri)
+        self.lease = None  # a remote dataset: this node's cached copy, pinned while the shards are open
+        if not is_local(fs):
+            self.lease = cached_shards(uri, meta, cache_dir, cache_max_gb, log=print)
+            root = self.lease.path
+            verify = verify and not self.lease.verified  # verified once per node, by its downloader
+        elif verify:  # every split's shards, once per node and file version
+            if not local_verified(root, meta, cache_dir):
+                for shard in (s for part in meta["splits"].values() for s in part["shards"]):
+                    _check_sha(uri, root, shard)
+                mark_local_verified(root, meta, cache_dir)
+            verify = False
         self.arrays: list[np.ndarray] = []
         for shard in meta["splits"][split]["shards"]:
             path = os.path.join(root, shard["file"])
-            if not os.path.exists(path):
+            if verify:
+                _check_sha(uri, root, shard)
+            elif not os.path.exists(path):
                 raise CorruptDataError(f"data.uri {uri}: shard {shard['file']} is missing; re-run prepare")
-            if verify and _file_sha256(path) != shard["sha256"]:
-                raise CorruptDataError(f"data.uri {uri}: shard {shard['file']} does not match its sha256 in "
-                                       "meta.json (corrupted or partially written); re-run prepare")
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
             if arr.dtype != np.uint16 or arr.ndim != 1 or len(arr) != shard["tokens"]:
                 raise CorruptDataError(f"data.uri {uri}: shard {shard['file']} has the wrong shape or dtype")
             self.arrays.append(arr)
         self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -159,9 +151,10 @@ class TokenData:
     """The Trainer's data for language models: the train split through the sampler, a fixed set of
     validation windows. Counts in tokens: one example (a window) is ``seq_len`` units."""
 
-    def __init__(self, uri: str, seq_len: int, seed: int, verify: bool = True, cache_dir: str | None = None):
-        self.train = TokenShards(uri, "train", verify, cache_dir)
-        self.val = TokenShards(uri, "val", verify, cache_dir)
+    def __init__(self, uri: str, seq_len: int, seed: int, verify: bool = True, cache_dir: str | None = None,
+                 cache_max_gb: float | None = None):
+        self.train = TokenShards(uri, "train", verify, cache_dir, cache_max_gb)
+        self.val = TokenShards(uri, "val", verify, cache_dir, cache_max_gb)
         self.sampler = SequenceSampler(self.train, seq_len, seed)
         self.units_per_example = seq_len
 

@@ -70,30 +70,54 @@ def list_files(source: str) -> list[SourceFile]:
     return sorted(files, key=lambda f: f.name)
 
 
-def read_documents(f: SourceFile) -> Iterator[str]:
-    """The documents of one file: a whole text file, one jsonl line, or one parquet row."""
-    with open_file(f.url, "rb") as fh:
-        raw = fh.read()
-    if f.url.endswith(".jsonl"):
-        for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(f"data.source file {f.name} line {n + 1}: expected JSON with a 'text' field") from e
-            if text:
-                yield text
-    elif f.url.endswith(".parquet"):
-        import pyarrow.parquet as pq
+TEXT_PIECE_BYTES = 64 << 20  # a longer text file is read in pieces, each ending at a blank line
 
-        table = pq.read_table(io.BytesIO(raw))
-        if "text" not in table.column_names:
-            raise ConfigError(f"data.source file {f.name}: parquet has no 'text' column (has {table.column_names})")
-        for text in table.column("text").to_pylist():
-            if text:
-                yield text
-    else:
-        text = raw.decode("utf-8", errors="replace")
+
+def read_documents(f: SourceFile, piece_bytes: int = TEXT_PIECE_BYTES) -> Iterator[str]:
+    """The documents of one file, streamed (memory stays bounded whatever the file's size): a whole text
+    file (one longer than ``piece_bytes`` in pieces that end at blank lines), one jsonl line, or one
+    parquet row."""
+    with open_file(f.url, "rb") as fh:
+        if f.url.endswith(".jsonl"):
+            for n, line in enumerate(io.TextIOWrapper(fh, encoding="utf-8", errors="replace")):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ConfigError(f"data.source file {f.name} line {n + 1}: expected JSON with a 'text' field") from e
+                if text:
+                    yield text
+        elif f.url.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(fh)
+            if "text" not in pf.schema_arrow.names:
+                raise ConfigError(f"data.source file {f.name}: parquet has no 'text' column (has {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+                for text in batch.column(0).to_pylist():
+                    if text:
+                        yield text
+        else:
+            yield from _text_pieces(fh, piece_bytes)
+
+
+def _text_pieces(fh, piece_bytes: int) -> Iterator[str]:
+    carry = b""
+    while True:
+        chunk = fh.read(piece_bytes)
+        if not chunk:
+            break
+        data = carry + chunk
+        cut = data.rfind(b"\n\n", 0, len(data) - 1) if len(chunk) == piece_bytes else -1
+        if cut < 0 and len(chunk) == piece_bytes and len(data) < 4 * piece_bytes:
+            carry = data  # no blank line yet: read on (up to 4 pieces, then cut anyway)
+            continue
+        piece, carry = (data[: cut + 2], data[cut + 2 :]) if cut >= 0 else (data, b"")
+        text = piece.decode("utf-8", errors="replace")
+        if text.strip():
+            yield text
+    if carry:
+        text = carry.decode("utf-8", errors="replace")
         if text.strip():
             yield text

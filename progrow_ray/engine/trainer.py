@@ -130,7 +130,9 @@ class Trainer:
         self.wrap_model = wrap_model
         self.save_fn = save_checkpoint
         self.schedule = cfg.schedule_fn()
+        started = time.perf_counter()
         self.data = open_run_data(cfg.data, cfg.target_model_config(), cfg.train.seed)
+        self.data_open_s = time.perf_counter() - started  # download / verification, if not staged before
         self.progress = Progress()
         self.history: list[dict] = []  # every metrics event; saved in checkpoints, so restarts keep it
         torch.manual_seed(cfg.train.seed)  # same init on every rank

@@ -194,11 +194,11 @@ class Tracker:
                 self._fail(e)
                 return None
 
-    def metric_count(self, run_id: str | None, key: str) -> int:
-        """How many values of ``key`` the run has (0 when tracking is off)."""
+    def last_step(self, run_id: str | None, key: str) -> int:
+        """The highest step the run has a value of ``key`` at (-1: none, or tracking is off)."""
         if not run_id:
-            return 0
-        return len(self._call("get_metric_history", run_id, key) or [])
+            return -1
+        return max((m.step for m in self._call("get_metric_history", run_id, key) or []), default=-1)
 
     def set_tags(self, run_id: str | None, tags: dict) -> None:
         if not run_id:

@@ -69,7 +69,7 @@ def run_job(
         print(f"run {cfg.name!r} already finished; its report: {join(run_root(cfg), 'report.json')}")
         print_summary(read_json(join(run_root(cfg), "report.json")), cfg, started)
         return 0
-    if cfg.tune.enabled and state.state.tau_search is None:
+    if cfg.tune.enabled and state.state.tau_search is None and state.state.search_plan is None:
         # priced before anything trains: refused (exit 2) when it cannot fit its budget
         for line in plan_tau_search(cfg).lines():
             print(f"τ search: {line}", flush=True)

@@ -132,6 +132,7 @@ class LoopReturn:
     end_time: float
     loop_start_time: float  # rank 0 entered the train loop (of the last attempt)
     handoff_time: float | None  # standby: rank 0 saw phase 1's checkpoint
+    data_open_s: float | None = None  # rank 0 opening the shards (download, verification) in this attempt
 
 
 def train_loop(config: dict) -> LoopReturn | None:
@@ -141,6 +142,7 @@ def train_loop(config: dict) -> LoopReturn | None:
     import ray.train.torch
     import torch
 
+    from ..data.run_data import open_run_data
     from ..engine.checkpoint import write_checkpoint
     from ..engine.sharded_checkpoint import write_into
     from ..engine.trainer import Trainer
@@ -154,7 +156,11 @@ def train_loop(config: dict) -> LoopReturn | None:
     storage = RayStorage(loop.fit_uri)
     start = storage.uri_of(restart.path) if restart is not None else loop.start_from
     handoff_time, files, resumed_from = None, None, None
+    staged = None
     if start is None and loop.handoff:  # standby: started early, waits for phase 1's checkpoint
+        # the shards it will read, fetched and verified into this node's cache while it waits: nothing of
+        # the data is left for the switch at τ
+        staged = open_run_data(loop.run.data, loop.run.target_model_config(), loop.run.train.seed)
         start = Handoff(loop.handoff).wait(timeout_s=loop.handoff_timeout_s)
         handoff_time = time.time()
     if start is not None:
@@ -219,6 +225,7 @@ def train_loop(config: dict) -> LoopReturn | None:
         checkpoint_requested=PreemptionPoll(),
         log=log,
     )
+    del staged  # the Trainer has its own (instant) open of the staged shards now
     # where this attempt starts, at which size: the driver derives resizes and lost work from these
     p = trainer.progress
     if files is not None:
@@ -246,6 +253,7 @@ def train_loop(config: dict) -> LoopReturn | None:
         time.time(),
         loop_start,
         handoff_time,
+        trainer.data_open_s,
     )
 
 
@@ -262,6 +270,7 @@ class PhaseOutcome:
     fit_start_time: float  # the driver called fit()
     loop_start_time: float  # rank 0 entered the train loop (of the last attempt)
     handoff_time: float | None  # standby: rank 0 saw phase 1's checkpoint
+    data_open_s: float | None = None  # rank 0 opening the shards after the handoff (or at the start)
 
 
 def run_phase(
@@ -335,4 +344,5 @@ def run_phase(
         t0,
         ret.loop_start_time,
         ret.handoff_time,
+        ret.data_open_s,
     )

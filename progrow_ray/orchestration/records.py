@@ -89,8 +89,10 @@ class ProbeTrial:
     restarts: list = dataclasses.field(default_factory=list)  # tokens each restart resumed from
 
     def events(self) -> list[dict]:
-        """The curve as engine metric events (what the tracker logs)."""
-        return [{"event": "train", "step": i, **point} for i, point in enumerate(self.curve)]
+        """The curve as engine metric events (what the tracker logs), at the probe's training steps."""
+        return [
+            {"event": "train", "step": i, **point} for i, point in enumerate(self.curve)
+        ]  # older: no step
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class PipelineState:
     mlflow_parent_run_id: str | None = None
     lr_search: LrSearchResult | None = None
     tau_search: SearchResult | None = None
+    search_plan: dict | None = None  # the τ search's plan once its probes started (a restore keeps it)
     phases: dict = field(default_factory=dict)  # name -> PhaseResult, in the order they finished
     live_runs: dict = field(default_factory=dict)  # name -> the MLflow run a phase streams to from its start
     mlflow_progressive_run_id: str | None = None
@@ -175,6 +178,7 @@ class PipelineState:
             "mlflow_parent_run_id": self.mlflow_parent_run_id,
             "lr_search": self.lr_search.to_json() if self.lr_search else None,
             "tau_search": self.tau_search.to_json() if self.tau_search else None,
+            "search_plan": self.search_plan,
             "phases": {k: p.to_json() for k, p in self.phases.items()},
             "live_runs": self.live_runs,
             "mlflow_progressive_run_id": self.mlflow_progressive_run_id,
@@ -190,6 +194,7 @@ class PipelineState:
             mlflow_parent_run_id=data.get("mlflow_parent_run_id"),
             lr_search=LrSearchResult(**data["lr_search"]) if data.get("lr_search") else None,
             tau_search=SearchResult.from_json(data["tau_search"]) if data.get("tau_search") else None,
+            search_plan=data.get("search_plan"),
             phases={k: PhaseResult.from_json(p) for k, p in data.get("phases", {}).items()},
             live_runs=dict(data.get("live_runs") or {}),
             mlflow_progressive_run_id=data.get("mlflow_progressive_run_id"),

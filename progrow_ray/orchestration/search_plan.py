@@ -13,6 +13,7 @@ can see, and the no-mix case, with the learning-rate search counted too. A searc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, replace
 
@@ -22,7 +23,7 @@ from ..core.models import model_config_class
 PRIOR_FACTOR = 1.5  # the probes see this many prior t_mix after the expansion
 POINTS_PER_PROBE = 1_000  # reported points per probe when tune.report_every is not set
 CHECKPOINTS_PER_PROBE = 20  # probe checkpoints when tune.checkpoint_every_tokens is not set
-T_MIX_GRID = 200  # mixing times the worst-case fraction is evaluated at
+T_MIX_GRID = 1_000  # mixing times the worst-case fraction is evaluated at
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,13 @@ class SearchPlan:
             f"see; budget tune.search_fraction = {self.budget:.1%}: "
             + ("fits" if self.fits else "DOES NOT FIT"),
         ]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SearchPlan":
+        return cls(**{**data, "prior": Prior(**data["prior"]), "roles": tuple(data["roles"])})
 
     def refusal(self) -> str:
         return (
@@ -199,7 +207,10 @@ def plan_search(cfg, prior: Prior) -> SearchPlan:
     report_every = t.report_every or max(1, steps // POINTS_PER_PROBE)
     checkpoint_every = t.checkpoint_every_tokens or max(b, (cap // CHECKPOINTS_PER_PROBE // b) * b)
     fixed_main = _main_flops(cfg, None)[0]
-    grid = {int(x) for x in _linspace(0, cap - expand_at, T_MIX_GRID)} | {prior.tokens}
+    # the worst ratio sits where the stopped search first reaches the cap: that t_mix is evaluated exactly
+    reaches_cap = max(0, cap - expand_at - window)
+    grid = {int(x) for x in _linspace(0, cap - expand_at, T_MIX_GRID)} | {prior.tokens, reaches_cap}
+    grid |= {max(0, reaches_cap - d) for d in (1, b)}
     mains = {tm: _main_flops(cfg, tm)[0] for tm in sorted(grid) if tm <= cap - expand_at}
     main_at_prior, tau = _main_flops(cfg, prior.tokens)
 

@@ -8,7 +8,6 @@ stage, and an interrupted phase resumes from its last committed checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
@@ -189,15 +188,23 @@ def plan_tau_search(cfg: PipelineConfig) -> SearchSetup:
 
 
 def search_stage(run: PipelineRun) -> SearchResult:
-    """The learning-rate search (optional), then τ: from the registry, from the probes, or as configured;
-    then the no-saving policy."""
+    """The τ search's plan (or a registry value to reuse), the learning-rate search (optional), then τ: from
+    the registry, from the probes, or as configured; then the no-saving policy."""
     from .tune_tau import search_lr
 
     cfg, state = run.cfg, run.state
     if state.state.tau_search is not None:
         return state.state.tau_search
+    setup = None
+    if cfg.tune.enabled:  # refusals first, before anything trains; a search in progress keeps its plan
+        saved = state.state.search_plan
+        setup = (
+            SearchSetup(fingerprint(cfg), Registry(registry_uri(cfg)), None, SearchPlan.from_json(saved))
+            if saved
+            else plan_tau_search(cfg)
+        )
     if cfg.tune.lr_search.enabled and state.state.lr_search is None:
-        cap = plan_search(cfg, choose_prior(cfg)).cap
+        cap = setup.plan.cap if setup and setup.plan else plan_search(cfg, choose_prior(cfg)).cap
         lr = search_lr(
             cfg,
             cfg.tune.lr_search.tokens or cap,
@@ -209,14 +216,14 @@ def search_stage(run: PipelineRun) -> SearchResult:
         run.console.info(f"lr search: best lr {lr.best_lr:.4g}")
     if state.state.lr_search is not None:
         cfg = replace(cfg, optimizer=replace(cfg.optimizer, lr=state.state.lr_search.best_lr))
-    if cfg.tune.enabled:
-        setup = plan_tau_search(cfg)
+    if setup is not None:
         if setup.hit is not None:
             result = reuse_t_mix(cfg, setup.hit)
         else:
             run.console.stage("τ search (Ray Tune): probes measure the mixing time")
             for line in setup.plan.lines():
                 run.console.note(line)
+            state.update(search_plan=setup.plan.to_json())
             result = record_measurement(run, cfg, setup, measure_tau(run, cfg, setup.plan))
         track_search(run, setup, result)
     else:
@@ -233,7 +240,7 @@ def search_stage(run: PipelineRun) -> SearchResult:
         result = replace(result, lr_search_flops=state.state.lr_search.flops)
     run.console.info(f"verdict: {result.verdict}")
     result = apply_no_saving_policy(cfg, result, run.console.info)
-    state.update(tau_search=result)
+    state.update(tau_search=result, search_plan=None)
     return result
 
 
@@ -262,6 +269,7 @@ def record_measurement(run: PipelineRun, cfg: PipelineConfig, setup: SearchSetup
         target_width=plan.target_width,
         width_field=plan.width_field,
         search_flops=result.search_flops,
+        lr_used=cfg.optimizer.lr,
         source="measured",
         run=cfg.name,
         out=cfg.out,
@@ -276,7 +284,7 @@ def record_measurement(run: PipelineRun, cfg: PipelineConfig, setup: SearchSetup
         "transferred": plan.width != plan.target_width,
         "source": f"measured by this run's search at {plan.width_field}={plan.width}",
     }
-    return replace(result, registry=registry, search_plan=dataclasses.asdict(plan))
+    return replace(result, registry=registry, search_plan=plan.to_json())
 
 
 def track_search(run: PipelineRun, setup: SearchSetup, result: SearchResult) -> None:
@@ -371,13 +379,14 @@ def measure_tau(run: PipelineRun, cfg: PipelineConfig, plan: SearchPlan) -> Sear
 
 class ProbeRuns:
     """The τ search's MLflow child runs, one per probe, created when the probes start (kept in the state
-    file, so a continued search feeds the same runs) and fed their curves as Tune's results arrive
-    (buffered, flushed at most once a second); ``finish`` logs what was not streamed and ends them."""
+    file, so a continued search feeds the same runs) and fed their curves at the probes' training steps as
+    Tune's results arrive (buffered, flushed at most once a second); ``finish`` logs what was not streamed
+    and ends them. A point at or below a run's last logged step is not logged again."""
 
     def __init__(self, run: PipelineRun, flush_s: float = 1.0):
         self.run, self.flush_s = run, flush_s
         self.ids: dict[str, str | None] = {}
-        self.sent: dict[str, int] = {}  # points streamed per probe
+        self.sent: dict[str, int] = {}  # the last step streamed per probe
         self.buffer: dict[str, list] = {}
         self.last_flush = 0.0
 
@@ -399,23 +408,22 @@ class ProbeRuns:
         for role in roles:
             name = f"search-{role}"
             rid = self.run.state.state.live_runs.get(name)
-            sent = self.run.tracker.metric_count(rid, "train_loss") if rid else 0
+            self.sent[role] = self.run.tracker.last_step(rid, "train_loss") if rid else -1
             if not rid:
                 rid = self._start_run(role)
                 if rid:
                     self.run.state.set_live_run(name, rid)
-            self.ids[role], self.sent[role], self.buffer[role] = rid, sent or 0, []
-            have = (points.points.get(role, []) if points is not None else [])[self.sent[role] :]
-            for tokens, loss, flops in have:
-                self.add(role, {"tokens": tokens, "train_loss": loss, "flops": flops}, flush=False)
+            self.ids[role], self.buffer[role] = rid, []
+            for tokens, loss, flops, step in points.points.get(role, []) if points is not None else []:
+                self.add(
+                    role, {"tokens": tokens, "train_loss": loss, "flops": flops, "step": step}, flush=False
+                )
 
     def add(self, role: str, result: dict, flush: bool = True) -> None:
-        if role not in self.ids:
+        if role not in self.ids or result["step"] <= self.sent[role]:
             return
         point = {k: result.get(k) for k in ("tokens", "train_loss", "flops")}
-        self.buffer[role].append(
-            {"event": "train", "step": self.sent[role] + len(self.buffer[role]), **point}
-        )
+        self.buffer[role].append({"event": "train", "step": int(result["step"]), **point})
         if flush and time.monotonic() - self.last_flush >= self.flush_s:
             self.flush()
 
@@ -424,7 +432,7 @@ class ProbeRuns:
         for role, points in self.buffer.items():
             if points and self.ids.get(role):
                 self.run.tracker.log_history(self.ids[role], points)
-                self.sent[role] += len(points)
+                self.sent[role] = points[-1]["step"]
             self.buffer[role] = []
 
     def finish(self, trials) -> None:
@@ -432,7 +440,8 @@ class ProbeRuns:
         self.flush()
         for trial in trials:
             rid = self.ids.get(trial.role) or self._start_run(trial.role)
-            self.run.tracker.log_history(rid, trial.events()[self.sent.get(trial.role, 0) :])
+            done = self.sent.get(trial.role, -1)
+            self.run.tracker.log_history(rid, [e for e in trial.events() if e["step"] > done])
             self.run.tracker.end(rid)
 
 
@@ -718,16 +727,20 @@ def switch_timing(outcome: PhaseOutcome, phase1: PhaseResult) -> tuple[float | N
     if not expand:
         return None, None
     expanded = expand[-1]["time"]
+    # of the restore: opening the data (downloading and verifying shards that were not staged)
+    data = {"data_s": outcome.data_open_s} if outcome.data_open_s is not None else {}
     if outcome.handoff_time:  # standby: phase 1's fit ends + handoff, then restore + expand
         return expanded - phase1.end_time, {
             "handoff_s": outcome.handoff_time - phase1.end_time,
             "restore_and_expand_s": expanded - outcome.handoff_time,
+            **data,
         }
     # the driver between fits, worker start-up, restore + expand
     return expanded - phase1.end_time, {
         "between_fits_s": outcome.fit_start_time - phase1.end_time,
         "workers_start_s": outcome.loop_start_time - outcome.fit_start_time,
         "restore_and_expand_s": expanded - outcome.loop_start_time,
+        **data,
     }
 
 

@@ -34,34 +34,47 @@ def registry_uri(cfg) -> str:
 
 
 def data_id(data) -> dict:
-    """The tokenizer and what identifies the corpus: the prepared shards' fingerprint (sources, sizes and
-    settings) when they have one, else their location."""
+    """The tokenizer and what identifies the corpus: the prepared shards' fingerprint (their sources'
+    names, sizes and versions, and the prepare settings). The data must be prepared first."""
     from ..data.images import SYNTHETIC_IMAGES
     from ..data.prepare import read_meta
 
     if data.source == SYNTHETIC_IMAGES:
         return {"tokenizer": "images", "data": f"{SYNTHETIC_IMAGES}:{data.image_size}:{data.image_noise}"}
-    meta = read_meta(data.uri) or {}
-    tokenizer = (meta.get("tokenizer") or {}).get("name", "gpt2")
-    return {"tokenizer": tokenizer, "data": meta.get("fingerprint", data.uri)[:16]}
+    meta = read_meta(data.uri)
+    require(
+        meta is not None and "fingerprint" in meta,
+        f"data.uri {data.uri}: not prepared, so the mixing-time registry cannot tell which corpus it is; "
+        f"prepare it first (`python -m progrow_ray.data prepare --source {data.source} --out {data.uri}`)",
+    )
+    return {"tokenizer": meta["tokenizer"]["name"], "data": meta["fingerprint"][:16]}
 
 
 def fingerprint(cfg) -> dict:
-    """What t_mix depends on, for the probes ``cfg`` (a ``PipelineConfig``, learning rate as searched)
-    would run: their depth pair (``tune.probe_model`` may set the target depth), not their width."""
+    """What t_mix depends on, for the probes ``cfg`` (a ``PipelineConfig``, as configured) would run: their
+    depth pair (``tune.probe_model`` may set the target depth), not their width; the optimizer with its
+    configured learning rate (and the LR search's settings, which decide the one the probes use); and
+    what "mixed" means (tolerance, window, smoothing, depth advantage)."""
     probe = cfg.run_config()
     probe = dataclasses.replace(probe, model={**probe.model, **cfg.tune.probe_model})
     target = probe.target_model_config()
-    depth = target.depth
     source = cfg.growth.source_depth
+    t = cfg.tune
     fp = {
         "version": VERSION,
         "family": cfg.model_kind,
-        "depths": [list(source) if isinstance(source, (list, tuple)) else source, _plain(depth)],
+        "depths": [list(source) if isinstance(source, (list, tuple)) else source, _plain(target.depth)],
         "method": cfg.growth.method,
         "optimizer": _plain(dataclasses.asdict(cfg.optimizer)),
+        "lr_search": _plain(dataclasses.asdict(t.lr_search)) if t.lr_search.enabled else None,
         "schedule": _plain(dataclasses.asdict(cfg.schedule)),
         "batch_tokens": cfg.train.batch_tokens,
+        "mixed": {
+            "rel_tol": t.rel_tol,
+            "window_frac": t.window_frac,
+            "smoothing": t.smoothing,
+            "min_depth_advantage": t.min_depth_advantage,
+        },
         "unit": model_config_class(cfg.model_kind).unit,
         **data_id(cfg.data),
     }
@@ -72,6 +85,10 @@ def fingerprint(cfg) -> dict:
 
 def _plain(x):
     return json.loads(json.dumps(x, default=list))
+
+
+def _is_key(name: str) -> bool:
+    return len(name) == 12 and all(c in "0123456789abcdef" for c in name)
 
 
 def key_of(fp: dict) -> str:
@@ -132,7 +149,8 @@ class Registry:
             names = sorted(os.path.basename(n) for n in fs.ls(path, detail=False))
         except FileNotFoundError:
             return []
-        return [e for n in names if n.endswith(".json") and (e := self.get(n[:-5])) is not None]
+        keys = [n[:-5] for n in names if n.endswith(".json") and _is_key(n[:-5])]  # other files are not ours
+        return [e for k in keys if (e := self.get(k)) is not None]
 
     def get(self, key: str) -> dict | None:
         return read_json(self._file(key))

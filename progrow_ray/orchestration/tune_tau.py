@@ -105,7 +105,7 @@ class ProbePoints:
         tokens = result["tokens"]
         if pts and tokens <= pts[-1][0]:
             return False
-        pts.append((tokens, loss, result.get("flops", 0.0)))
+        pts.append((tokens, loss, result.get("flops", 0.0), int(result.get("step", len(pts) + 1))))
         return True
 
     def curve(self, role: str) -> tuple[list[float], list[float]]:
@@ -220,6 +220,19 @@ def probe_runs(cfg, plan: SearchPlan) -> dict[str, RunConfig]:
     return runs
 
 
+def has_experiment_state(uri: str) -> bool:
+    """Whether Tune saved the search's experiment state: ``tuner.pkl`` is written as soon as a Tuner is
+    built, so a driver killed before the first save leaves a search that cannot be restored (it starts
+    over)."""
+    from ..integrations.storage import filesystem
+
+    fs, path = filesystem(uri)
+    try:
+        return bool(fs.glob(f"{path.rstrip('/')}/experiment_state-*.json"))
+    except FileNotFoundError:
+        return False
+
+
 def search_tau(
     cfg,
     plan: SearchPlan,
@@ -243,7 +256,9 @@ def search_tau(
         probe_trainable, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
     )
     path = f"{storage.path}/{run_name}"  # what Tune wants beside a filesystem: no s3:// scheme
-    resumed = tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem)
+    resumed = tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem) and has_experiment_state(
+        storage.child(run_name)
+    )
     if resumed:  # a driver killed mid-search: every probe continues from its last checkpoint
         tuner = tune.Tuner.restore(
             path,
@@ -298,7 +313,10 @@ def search_tau(
                 role,
                 int(max((p[0] for p in pts), default=0)),
                 flops,
-                [{"tokens": int(t), "train_loss": float(loss), "flops": float(f)} for t, loss, f in pts],
+                [
+                    {"tokens": int(t), "train_loss": float(loss), "flops": float(f), "step": step}
+                    for t, loss, f, step in pts
+                ],
                 str(res.error) if res.error else None,
                 restarts=points.restarts.get(role, []),
             )

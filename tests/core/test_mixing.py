@@ -212,15 +212,16 @@ def watched(
     return w
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_watch_gives_t_mix_s_answer_on_random_curves(seed):
     rng = np.random.default_rng(seed)
     t, fixed, prog = curves(
         gap0=rng.uniform(0.2, 0.8), scale=rng.uniform(1_000, 6_000), noise=0.02, seed=seed
     )
-    source = fixed * (1 + 0.04 * (1 - np.exp(-t / 5_000)))
+    source = fixed * (1 + rng.uniform(0.01, 0.06) * (1 - np.exp(-t / 5_000)))
+    short = int(rng.uniform(0.3, 1.0) * len(t))  # a source probe that ended (or failed) early
     kw = dict(rel_tol=0.01, window_tokens=float(rng.uniform(0, 5_000)), smoothing=float(rng.uniform(0, 0.9)))
-    for src, adv in ((None, 0.0), ((t, source), 0.02)):
+    for src, adv in ((None, 0.0), ((t, source), 0.02), ((t[:short], source[:short]), 0.02)):
         extra = dict(source_tokens=src[0], source_loss=src[1], min_advantage_rel=adv) if src else {}
         batch = t_mix(t, fixed, t, prog, TAU, **kw, **extra)
         for interleave in (True, False):
@@ -237,13 +238,25 @@ def test_watch_gives_t_mix_s_answer_on_random_curves(seed):
                 adv,
                 interleave,
             )
-            got = w.outcome()
-            assert got.mixed == batch.mixed
+            got = w.finish()
+            assert got.mixed == batch.mixed and got.note == batch.note
             assert got.t_mix_tokens == batch.t_mix_tokens and got.mixed_at_tokens == batch.mixed_at_tokens
+            assert got.last_gap_rel == pytest.approx(batch.last_gap_rel, rel=1e-9)
             if batch.mixed:
                 assert got.gap_after_mix_rel == pytest.approx(batch.gap_after_mix_rel, rel=1e-9)
-                # it knew at the first point after the window: at most one report later than the batch answer
-                assert w.judged <= int(np.sum(t <= batch.mixed_at_tokens + kw["window_tokens"])) + 1
+
+
+def test_the_watch_knows_at_the_first_point_after_the_window():
+    t, fixed, prog = curves()
+    batch = t_mix(t, fixed, t, prog, TAU, rel_tol=0.01, window_tokens=2_000)
+    w = MixingWatch(TAU, 0.01, 2_000)
+    for i in range(len(t)):
+        w.add("fixed", t[i], fixed[i])
+        w.add("progressive", t[i], prog[i])
+        if w.mixed:
+            break
+    assert w.result.t_mix_tokens == batch.t_mix_tokens
+    assert t[i] <= batch.mixed_at_tokens + 2_000 + (t[1] - t[0])  # no later than one report after the window
 
 
 def test_watch_recovers_a_known_t_mix_within_5_percent_on_noisy_curves():

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from progrow_ray.data.tokenizer import gpt2_encoding
 from ..s3 import make_bucket
 
 QUIET = dict(progress=False, log=lambda _: None)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def shard_bytes(root: Path) -> dict[str, bytes]:
@@ -61,7 +63,9 @@ def test_jsonl_and_parquet_sources(tmp_path):
     meta = prepare(str(src / "*"), str(tmp_path / "out"), PrepareSettings(val_fraction=0.2), **QUIET)
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 60
     enc = gpt2_encoding()
-    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == sum(len(enc.encode_ordinary(d)) + 1 for d in docs)
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == sum(
+        len(enc.encode_ordinary(d)) + 1 for d in docs
+    )
 
 
 @pytest.mark.cluster
@@ -115,11 +119,120 @@ def test_corrupted_shard_is_detected(prepared, tmp_path):
 
 def test_cli_prepare_and_bad_input_exit_code(text_corpus, tmp_path):
     out = tmp_path / "cli"
-    ok = subprocess.run([sys.executable, "-m", "progrow_ray.data", "prepare", "--source", str(text_corpus),
-                         "--out", str(out), "--no-progress", "--val-fraction", "0.2"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "progrow_ray.data",
+            "prepare",
+            "--source",
+            str(text_corpus),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--val-fraction",
+            "0.2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert (out / "meta.json").exists()
-    bad = subprocess.run([sys.executable, "-m", "progrow_ray.data", "prepare", "--source", str(tmp_path / "none"),
-                          "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "progrow_ray.data",
+            "prepare",
+            "--source",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: data.source")
+
+
+def test_a_long_text_file_is_read_in_pieces_that_end_at_blank_lines(tmp_path):
+    from progrow_ray.data.sources import SourceFile, read_documents
+
+    paragraphs = [f"paragraph {i}: " + "words " * (i % 37 + 5) for i in range(400)]
+    text = "\n\n".join(paragraphs) + "\n"
+    path = tmp_path / "long.txt"
+    path.write_text(text)
+    f = SourceFile(str(path), "long.txt", path.stat().st_size, "0")
+    pieces = list(read_documents(f, piece_bytes=4_096))
+    assert len(pieces) > 5 and "".join(pieces) == text  # nothing lost or repeated
+    assert all(p.endswith("\n\n") for p in pieces[:-1])  # cut between paragraphs, never inside one
+    assert list(read_documents(f)) == [text]  # a file under the piece size stays one document
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_on_a_source_file_larger_than_it(tmp_path):
+    """A 200 MB jsonl file through prepare in a fresh process: its peak resident memory grows by far less
+    than the file (the file is streamed, a batch of documents at a time)."""
+    src = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 60}) + "\n"
+    with open(src, "w") as fh:
+        for _ in range(200_000_000 // len(line)):
+            fh.write(line)
+    size = src.stat().st_size
+    script = (
+        "import resource, sys\n"
+        "from progrow_ray.data.prepare import PrepareSettings, prepare\n"
+        "import numpy, tiktoken, tqdm\n"
+        "from progrow_ray.data.tokenizer import gpt2_encoding\n"
+        "gpt2_encoding()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"prepare({str(src)!r}, {str(tmp_path / 'out')!r}, PrepareSettings(0.01, shard_tokens=2_000_000),"
+        " progress=False, log=lambda _: None)\n"
+        "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    before_kb, after_kb = map(int, p.stdout.split())
+    grown = (after_kb - before_kb) * 1024
+    assert size > 190e6 and grown < 0.25 * size, (grown, size)  # the old reader held the whole file
+
+
+@pytest.mark.cluster
+def test_ray_data_and_local_engines_write_identical_shards(text_corpus, tmp_path):
+    """The Ray Data engine (on a local Ray cluster started by the CLI) and the local engine, on jsonl,
+    parquet and text files: the same shard files, byte for byte, and the same meta.json splits."""
+    src = tmp_path / "src"
+    shutil.copytree(text_corpus, src / "text")
+    docs = [p.read_text() for p in sorted(text_corpus.iterdir())]
+    (src / "docs.jsonl").write_text("".join(json.dumps({"text": d[:3000]}) + "\n" for d in docs))
+    pq.write_table(pa.table({"text": [d[-2000:] for d in docs]}), src / "rows.parquet")
+    outs = {}
+    for engine in ("local", "ray"):
+        outs[engine] = tmp_path / engine
+        cmd = [
+            sys.executable,
+            "-m",
+            "progrow_ray.data",
+            "prepare",
+            "--source",
+            str(src),
+            "--out",
+            str(outs[engine]),
+            "--engine",
+            engine,
+            "--shard-tokens",
+            "30000",
+            "--val-fraction",
+            "0.2",
+            "--no-progress",
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-3000:]
+    local, ray_out = shard_bytes(outs["local"]), shard_bytes(outs["ray"])
+    assert len(local) > 4 and local.keys() == ray_out.keys()
+    assert {k: v for k, v in local.items() if k != "meta.json"} == {
+        k: v for k, v in ray_out.items() if k != "meta.json"
+    }
+    assert json.loads(local["meta.json"])["splits"] == json.loads(ray_out["meta.json"])["splits"]

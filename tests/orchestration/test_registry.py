@@ -6,6 +6,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from progrow_ray.core import ConfigError
 from progrow_ray.engine.config import load_run_config
 from progrow_ray.orchestration.config import PipelineConfig
 from progrow_ray.orchestration.search_plan import choose_prior
@@ -15,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = Path(__file__).with_name("tiny.yaml")
 
 
+@pytest.fixture(autouse=True)
+def _data(prepared):
+    global DATA
+    DATA = prepared
+
+
 def load(tmp_path, *overrides):
-    sets = [f"data.uri={tmp_path}/no-shards", f"tune.registry={tmp_path}/registry", *overrides]
+    sets = [f"data.uri={DATA}", f"tune.registry={tmp_path}/registry", *overrides]
     return load_run_config(TINY, sets, cls=PipelineConfig)
 
 
@@ -38,9 +47,14 @@ def test_fingerprint_matches_what_t_mix_depends_on_and_not_the_width_or_horizon(
         "train.batch_tokens=1024",
         "model.n_layer=4",
         "tune.probe_model={n_layer: 4}",  # the probes' depth pair is what was measured
+        "tune.rel_tol=0.05",  # what "mixed" means
+        "tune.smoothing=0.9",
+        "tune.lr_search.enabled=true",  # then the LR the probes use is the search's
     ]
     for override in different:
         assert key_of(fingerprint(load(tmp_path, override))) != key_of(fp), override
+    with pytest.raises(ConfigError, match="not prepared"):  # which corpus it is must be known
+        fingerprint(load(tmp_path, f"data.uri={tmp_path}/nothing"))
 
 
 def test_lookup_reuses_the_newest_mixed_value_and_marks_a_narrower_one_transferred(tmp_path):
@@ -88,12 +102,12 @@ def test_tmix_cli_adds_lists_shows_and_forgets(tmp_path):
         "--config",
         str(TINY),
         "--set",
-        f"data.uri={tmp_path}/no-shards",
+        f"data.uri={DATA}",
         "--set",
         f"tune.registry={tmp_path}/r",
     ]
     rc, out = tmix("add", *conf, "--t-mix", "16e3", "--width", "16", "--note", "seeded by hand")
-    assert rc == 0 and "t_mix 16,000" in out
+    assert rc == 0 and "t_mix 16,000" in out, out
     key = key_of(fingerprint(load(tmp_path, f"tune.registry={tmp_path}/r")))
     rc, out = tmix("list", *conf)
     assert rc == 0 and key in out and "16,000" in out and "seeded" in out

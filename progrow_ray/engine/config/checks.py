@@ -71,6 +71,9 @@ def check_data(cfg: RunConfig) -> None:
     d = cfg.data
     require(d.seq_len > 0, f"data.seq_len must be > 0, got {d.seq_len}")
     require(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    require(
+        d.cache_max_gb is None or d.cache_max_gb > 0, f"data.cache_max_gb must be > 0, got {d.cache_max_gb}"
+    )
 
 
 def check_optimizer(cfg: RunConfig) -> None:

@@ -48,6 +48,7 @@ class DataSection:
     max_source_bytes: int | None = None  # cap on raw text read by `prepare` (None: all)
     verify: bool = True  # check shard sha256 against meta.json on open
     cache_dir: str | None = None  # local copy of remote shards (default ~/.cache/progrow_ray)
+    cache_max_gb: float | None = None  # node cache bound: least recently used datasets not open are removed
     # image models (source: synthetic-images): side of the square images, pixel noise against unit-std class
     # patterns (the task's difficulty). Their runs count images where language models count tokens.
     image_size: int = 224

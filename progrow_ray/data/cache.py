@@ -1,0 +1,208 @@
+"""A node-local copy of remote token shards that every process on the node shares safely.
+
+Every rank of a node (and every τ-search probe on it) opens the same shards. One process downloads them,
+under an exclusive ``flock`` on the dataset's lock file; each file goes to a temporary name of its own,
+is checked against its sha256 in ``meta.json`` and renamed into place (atomic). The last step writes a
+marker naming the dataset's fingerprint: later processes that find it skip both the download and the
+hashing — the shards are verified once per node, not once per rank. A process reading the cache keeps a
+shared lock on it for as long as it has the shards open.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from ..core.errors import ConfigError
+from ..integrations.storage import filesystem, sha256_of
+
+MARKER = ".verified"
+
+
+class CorruptDataError(ConfigError):
+    """A shard does not match meta.json."""
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("PROGROW_CACHE", str(Path.home() / ".cache" / "progrow_ray"))
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as fh:
+        return sha256_of(fh)
+
+
+def _shards(meta: dict) -> list[dict]:
+    return [s for split in meta["splits"].values() for s in split["shards"]]
+
+
+def _marker_text(meta: dict) -> str:
+    return json.dumps({"fingerprint": meta["fingerprint"], "shards": [s["sha256"] for s in _shards(meta)]})
+
+
+def _key(uri: str, meta: dict) -> str:
+    return hashlib.sha256(f"{uri}\0{meta['fingerprint']}".encode()).hexdigest()[:16]
+
+
+# ---- local shards: verified once per node and file version -----------------------------------------
+def _local_stamp(root: str, meta: dict) -> str:
+    files = []
+    for s in _shards(meta):
+        st = os.stat(os.path.join(root, s["file"]))
+        files.append([s["file"], s["sha256"], st.st_size, st.st_mtime_ns])
+    return json.dumps({"fingerprint": meta["fingerprint"], "files": files})
+
+
+def local_verified(root: str, meta: dict, cache_dir: str | None = None) -> bool:
+    """Whether this node already hashed these local shards, unchanged since (size and mtime)."""
+    try:
+        stamp = _local_stamp(root, meta)
+    except FileNotFoundError:
+        return False
+    return _read(Path(cache_dir or default_cache_dir()) / "verified" / _key(root, meta)) == stamp
+
+
+def mark_local_verified(root: str, meta: dict, cache_dir: str | None = None) -> None:
+    where = Path(cache_dir or default_cache_dir()) / "verified"
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        tmp = where / f".{os.getpid()}.{uuid.uuid4().hex}"
+        tmp.write_text(_local_stamp(root, meta))
+        os.replace(tmp, where / _key(root, meta))
+    except OSError:
+        pass  # no writable cache: every open verifies, as before
+
+
+class CacheLease:
+    """The local directory of a dataset's shards, pinned (a shared lock) until ``close``."""
+
+    def __init__(self, path: str, fd: int | None, downloaded: int):
+        self.path, self._fd, self.downloaded = path, fd, downloaded
+        self.verified = fd is not None  # the node marker vouches for every shard
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the shared lock
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+
+def cached_shards(
+    uri: str,
+    meta: dict,
+    cache_dir: str | None = None,
+    max_gb: float | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> CacheLease:
+    """The shards of ``uri`` (remote) in this node's cache: downloaded and verified by one process, reused
+    by every other; the returned lease holds a shared lock on them. With ``max_gb`` the cache is kept
+    under that size by removing the least recently used datasets no process has open."""
+    fs, root = filesystem(uri)
+    base = Path(cache_dir or default_cache_dir())
+    key = _key(uri, meta)
+    local = base / key
+    local.mkdir(parents=True, exist_ok=True)
+    marker, expected = local / MARKER, _marker_text(meta)
+    fd = os.open(base / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process downloads
+        if _read(marker) == expected:
+            os.utime(marker)  # recently used: evicted last
+            return CacheLease(str(local), fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # one downloader per node; the others wait on their shared lock
+        downloaded = 0
+        if _read(marker) != expected:  # nobody finished it while this process waited
+            if max_gb is not None:
+                _make_room(base, key, _bytes(meta), int(max_gb * 1e9), log)
+            downloaded = _download(fs, root, local, meta, log)
+            tmp = local / f".{MARKER}.{os.getpid()}.{uuid.uuid4().hex}"
+            tmp.write_text(expected)
+            os.replace(tmp, marker)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return CacheLease(str(local), fd, downloaded)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _bytes(meta: dict) -> int:
+    return sum(2 * s["tokens"] + 128 for s in _shards(meta))  # uint16 tokens + the .npy header
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def _make_room(base: Path, keep: str, need: int, limit: int, log) -> None:
+    """Remove whole cached datasets, least recently used first, that no process holds open, until ``need``
+    more bytes fit under ``limit``; a dataset larger than the limit by itself is refused."""
+    if need > limit:
+        raise ConfigError(
+            f"data.cache_max_gb={limit / 1e9:g} cannot hold this dataset's {need / 1e9:.2f} GB of shards; "
+            "raise it (the node's disk must hold one dataset's shards)"
+        )
+    others = [d for d in base.iterdir() if d.is_dir() and d.name not in (keep, "verified")]
+    used = sum(_dir_bytes(d) for d in others) + (_dir_bytes(base / keep) if (base / keep).is_dir() else 0)
+    for d in sorted(others, key=lambda d: (d / MARKER).stat().st_mtime if (d / MARKER).exists() else 0):
+        if used + need <= limit:
+            return
+        fd = os.open(base / f"{d.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while any process has it open
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            size = _dir_bytes(d)
+            shutil.rmtree(d)
+            used -= size
+            log(f"data: cache over data.cache_max_gb, removed {d.name} ({size / 1e9:.2f} GB, unused)")
+        finally:
+            os.close(fd)
+    if used + need > limit:
+        raise ConfigError(
+            f"data.cache_max_gb={limit / 1e9:g}: {used / 1e9:.2f} GB of cached shards are in use by other "
+            f"processes on this node and this dataset needs {need / 1e9:.2f} GB more; raise it"
+        )
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _download(fs, root: str, local: Path, meta: dict, log) -> int:
+    """Every shard not already present with the right sha256: to a temporary name of this process,
+    checked, renamed into place. Returns how many were downloaded."""
+    n = 0
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            target = local / shard["file"]
+            if target.exists() and file_sha256(str(target)) == shard["sha256"]:
+                continue
+            tmp = local / f".{shard['file']}.{os.getpid()}.{uuid.uuid4().hex}.part"
+            try:
+                fs.get(f"{root.rstrip('/')}/{shard['file']}", str(tmp))
+                if file_sha256(str(tmp)) != shard["sha256"]:
+                    raise CorruptDataError(
+                        f"shard {shard['file']} downloaded from {root} does not match its sha256 in "
+                        "meta.json (corrupted or being rewritten); re-run prepare"
+                    )
+                os.replace(tmp, target)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            n += 1
+    if n:
+        log(f"data: {n} shard(s) downloaded to {local}")
+    return n

@@ -1,0 +1,107 @@
+"""The node shard cache: many processes on one node open the same remote shards at once."""
+
+import multiprocessing as mp
+import os
+
+import pytest
+
+from progrow_ray.core import ConfigError
+from progrow_ray.data.cache import MARKER, CorruptDataError, cached_shards
+from progrow_ray.data.prepare import PrepareSettings, prepare, read_meta
+from progrow_ray.data.sampler import TokenShards
+
+from ..s3 import make_bucket, reset
+
+QUIET = dict(progress=False, log=lambda _: None)
+PROCESSES = 8
+
+
+def open_shards(uri, cache, barrier, queue):
+    """One rank: open both splits once every process is ready (a thundering herd, as at a phase start)."""
+    try:
+        barrier.wait(timeout=120)
+        train = TokenShards(uri, "train", cache_dir=cache)
+        val = TokenShards(uri, "val", cache_dir=cache)
+        window = train.window(len(train) // 2, 64)
+        queue.put(("ok", train.lease.downloaded + val.lease.downloaded, int(window.astype("int64").sum())))
+    except BaseException as e:  # noqa: BLE001 (reported to the test)
+        queue.put(("error", f"{type(e).__name__}: {e}", None))
+
+
+@pytest.fixture
+def remote_tokens(text_corpus, s3_endpoint):
+    reset(s3_endpoint)
+    make_bucket("corpus")
+    meta = prepare(str(text_corpus), "s3://corpus/tokens", PrepareSettings(0.2, shard_tokens=20_000), **QUIET)
+    yield "s3://corpus/tokens", meta
+    reset(s3_endpoint)  # moto keeps buckets in the process: leave none for the next test
+
+
+@pytest.mark.cluster
+def test_eight_processes_share_one_cache_with_one_download_per_shard(remote_tokens, tmp_path):
+    uri, meta = remote_tokens
+    shards = sum(len(s["shards"]) for s in meta["splits"].values())
+    assert shards >= 10
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(PROCESSES), ctx.Queue()
+    cache = str(tmp_path / "cache")
+    procs = [ctx.Process(target=open_shards, args=(uri, cache, barrier, queue)) for _ in range(PROCESSES)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [r[0] for r in results] == ["ok"] * PROCESSES, results
+    assert sum(r[1] for r in results) == shards  # exactly one download of each shard on the node
+    assert len({r[2] for r in results}) == 1  # every process reads the same tokens
+    (local,) = [d for d in (tmp_path / "cache").iterdir() if d.is_dir()]
+    assert (local / MARKER).exists()
+    assert not [f for f in local.iterdir() if f.name.endswith(".part")]  # no temporary file left behind
+    # a later process finds the node's marker: no download, no hashing
+    lease = cached_shards(uri, read_meta(uri), cache)
+    assert lease.downloaded == 0 and lease.verified
+    lease.close()
+
+
+@pytest.mark.cluster
+def test_a_damaged_cache_is_repaired_and_a_bad_remote_shard_is_refused(remote_tokens, tmp_path):
+    uri, meta = remote_tokens
+    cache = str(tmp_path / "cache")
+    cached_shards(uri, meta, cache).close()
+    (local,) = [d for d in (tmp_path / "cache").iterdir() if d.is_dir()]
+    first = meta["splits"]["train"]["shards"][0]["file"]
+    (local / MARKER).unlink()  # a download that died before its marker, with one shard torn
+    (local / first).write_bytes(b"torn")
+    lease = cached_shards(uri, meta, cache)
+    assert lease.downloaded == 1 and (local / MARKER).exists()
+    lease.close()
+    # the remote shard itself changed under its meta.json: refused, nothing half-written in the cache
+    fs = make_bucket("corpus2")
+    fs.copy(f"{uri[5:]}/", "corpus2/tokens/", recursive=True)
+    fs.pipe(f"corpus2/tokens/{first}", b"not the shard meta.json names")
+    with pytest.raises(CorruptDataError, match="does not match its sha256"):
+        TokenShards("s3://corpus2/tokens", "train", cache_dir=cache)
+    leftovers = [f for d in (tmp_path / "cache").iterdir() if d.is_dir() for f in d.iterdir()]
+    assert not [f for f in leftovers if f.name.endswith(".part") or f.name == first and f.stat().st_size < 10]
+
+
+@pytest.mark.cluster
+def test_the_cache_bound_evicts_datasets_no_process_has_open(remote_tokens, tmp_path):
+    uri, meta = remote_tokens
+    other = "s3://corpus/tokens-copy"
+    import s3fs
+
+    s3fs.S3FileSystem().copy(f"{uri[5:]}/", f"{other[5:]}/", recursive=True)  # another dataset, same size
+    size = sum(2 * s["tokens"] + 128 for split in meta["splits"].values() for s in split["shards"])
+    cache, limit = str(tmp_path / "cache"), 1.5 * size / 1e9  # room for one of the two
+    first = cached_shards(uri, meta, cache, limit)
+    with pytest.raises(ConfigError, match="in use by other processes"):
+        cached_shards(other, meta, cache, limit)  # the first is open: it cannot go
+    first.close()
+    second = cached_shards(other, meta, cache, limit)  # now it can
+    assert second.downloaded == sum(len(s["shards"]) for s in meta["splits"].values())
+    kept = [d.name for d in (tmp_path / "cache").iterdir() if d.is_dir()]
+    assert kept == [os.path.basename(second.path)]
+    second.close()
+    with pytest.raises(ConfigError, match="cannot hold this dataset"):
+        cached_shards(uri, meta, cache, 0.5 * size / 1e9)
