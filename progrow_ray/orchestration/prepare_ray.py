@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.prepare import TokenStream, batched_tokens, file_documents
+from ..data.prepare import TokenStream, batched_tokens, file_documents, file_groups
 from ..data.sources import SourceFile
 
 THREADS_PER_TASK = 1  # Ray Data gives every CPU its own task: no tokeniser threads inside one
@@ -43,28 +43,22 @@ def _columns(out: dict) -> dict:
     }
 
 
-def file_groups(files: list[SourceFile], cpus: int) -> list[dict]:
-    """Consecutive files in groups of about total / (4 x CPUs) bytes (at least 1 MB): enough tasks to keep
-    every CPU busy, few enough that a corpus of many small files is not a task per file."""
+def task_rows(files: list[SourceFile], cpus: int) -> list[dict]:
+    """One row per task: consecutive files in groups of about total / (4 x CPUs) bytes (at least 1 MB),
+    enough tasks to keep every CPU busy, few enough that many small files are not a task each."""
     target = max(1 << 20, sum(f.size for f in files) // max(1, 4 * cpus))
-    groups, current, size = [], [], 0
-    for k, f in enumerate(files):
-        current.append(k)
-        size += f.size
-        if size >= target:
-            groups.append(current)
-            current, size = [], 0
-    if current:
-        groups.append(current)
-    return [
-        {
-            "first": g[0],
-            "urls": [files[k].url for k in g],
-            "names": [files[k].name for k in g],
-            "sizes": [files[k].size for k in g],
-        }
-        for g in groups
-    ]
+    rows, first = [], 0
+    for group in file_groups(files, target):
+        rows.append(
+            {
+                "first": first,
+                "urls": [f.url for f in group],
+                "names": [f.name for f in group],
+                "sizes": [f.size for f in group],
+            }
+        )
+        first += len(group)
+    return rows
 
 
 def ray_tokens(files: list[SourceFile], cpus_per_task: float = 1.0) -> TokenStream:
@@ -75,7 +69,7 @@ def ray_tokens(files: list[SourceFile], cpus_per_task: float = 1.0) -> TokenStre
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    rows = file_groups(files, int(ray.cluster_resources().get("CPU", 1)))
+    rows = task_rows(files, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         _tokenise, batch_size=1, num_cpus=cpus_per_task
     )
