@@ -72,9 +72,7 @@ def mark_local_verified(root: str, meta: dict, cache_dir: str | None = None) -> 
     where = Path(cache_dir or default_cache_dir()) / "verified"
     try:
         where.mkdir(parents=True, exist_ok=True)
-        tmp = where / f".{os.getpid()}.{uuid.uuid4().hex}"
-        tmp.write_text(_local_stamp(root, meta))
-        os.replace(tmp, where / _key(root, meta))
+        _write_whole(where / _key(root, meta), _local_stamp(root, meta))
     except OSError:
         pass  # no writable cache: every open verifies, as before
 
@@ -123,9 +121,7 @@ def cached_shards(
             if max_gb is not None:
                 _make_room(base, key, _bytes(meta), int(max_gb * 1e9), log)
             downloaded = _download(fs, root, local, meta, log)
-            tmp = local / f".{MARKER}.{os.getpid()}.{uuid.uuid4().hex}"
-            tmp.write_text(expected)
-            os.replace(tmp, marker)
+            _write_whole(marker, expected)
         fcntl.flock(fd, fcntl.LOCK_SH)
         return CacheLease(str(local), fd, downloaded)
     except BaseException:
@@ -172,6 +168,13 @@ def _make_room(base: Path, keep: str, need: int, limit: int, log) -> None:
             f"data.cache_max_gb={limit / 1e9:g}: {used / 1e9:.2f} GB of cached shards are in use by other "
             f"processes on this node and this dataset needs {need / 1e9:.2f} GB more; raise it"
         )
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``text`` at ``path``, whole or not at all: a temporary name of this process, renamed into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _read(path: Path) -> str | None:

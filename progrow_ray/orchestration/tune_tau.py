@@ -161,7 +161,7 @@ def make_stopper(key: str, settings: MixSettings | None, on_result=None):
         per result). Also the driver's live view of the probes (``on_result(role, result)``)."""
 
         def __init__(self):
-            self.key, self.settings, self.on_result = key, settings, on_result
+            self.key, self.on_result = key, on_result
             self.points = ProbePoints()
             self.watch = settings.watch() if settings is not None else None
 
@@ -244,7 +244,8 @@ def search_tau(
     on_result=None,
 ) -> SearchResult:
     """Run (or continue) the probes, return mixing, τ plan, FLOPs and per-trial curves.
-    ``on_start(roles, cap, resumed)`` and ``on_result(role, result)`` let the driver show live progress."""
+    ``on_start(roles, cap, points)`` (``points``: what a continued search already has) and
+    ``on_result(role, result)`` let the driver show live progress."""
     from ray import tune
 
     roles = probe_runs(cfg, plan)
