@@ -81,7 +81,7 @@ def _rank(rank: int, world: int, port: int, shape: dict, parallel: str, steps: i
 
 
 def optimizer_bench(args) -> dict:
-    from .__main__ import SHAPES
+    from .shapes import SHAPES
 
     worlds = [int(w) for w in args.world.split(",")]
     shape = {**SHAPES[args.model], "block_size": args.seq}

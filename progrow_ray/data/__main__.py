@@ -1,6 +1,6 @@
 """``python -m progrow_ray.data prepare --source SRC --out DST [--engine ray|local|auto]``.
 
-``local`` tokenises in this process on every core (``--threads``); ``ray`` on Ray Data across the
+``local`` tokenises on this machine, one process per core (``--workers``); ``ray`` on Ray Data across the
 cluster at ``RAY_ADDRESS`` (a local one when unset); ``auto`` (default) uses Ray when ``RAY_ADDRESS`` is
 set (``ray job submit``), else local. Both write the same bytes."""
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-tokens", type=int, default=50_000_000)
     p.add_argument("--max-source-bytes", type=int, default=None)
     p.add_argument("--engine", default="auto", help="auto (Ray when RAY_ADDRESS is set), local or ray")
-    p.add_argument("--threads", type=int, default=None, help="local engine: tokeniser threads (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="local engine: tokeniser processes (default: one per core)")
     p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     settings = PrepareSettings(args.val_fraction, args.shard_tokens, args.max_source_bytes)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="ERROR", log_to_driver=False)
         tokens = ray_tokens
-    prepare(args.source, args.out, settings, progress=not args.no_progress, tokens=tokens, threads=args.threads)
+    prepare(args.source, args.out, settings, progress=not args.no_progress, tokens=tokens, workers=args.workers)
     return 0
 
 

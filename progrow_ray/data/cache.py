@@ -143,7 +143,7 @@ def _make_room(base: Path, keep: str, need: int, limit: int, log) -> None:
     if need > limit:
         raise ConfigError(
             f"data.cache_max_gb={limit / 1e9:g} cannot hold this dataset's {need / 1e9:.2f} GB of shards; "
-            "raise it (the node's disk must hold one dataset's shards)"
+            "raise it, or stream the shards with data.block_shards (a corpus larger than the node's disk)"
         )
     others = [d for d in base.iterdir() if d.is_dir() and d.name not in (keep, "verified")]
     used = sum(_dir_bytes(d) for d in others) + (_dir_bytes(base / keep) if (base / keep).is_dir() else 0)
@@ -188,24 +188,124 @@ def _download(fs, root: str, local: Path, meta: dict, log) -> int:
     """Every shard not already present with the right sha256: to a temporary name of this process,
     checked, renamed into place. Returns how many were downloaded."""
     n = 0
-    for split in meta["splits"].values():
-        for shard in split["shards"]:
-            target = local / shard["file"]
-            if target.exists() and file_sha256(str(target)) == shard["sha256"]:
-                continue
-            tmp = local / f".{shard['file']}.{os.getpid()}.{uuid.uuid4().hex}.part"
-            try:
-                fs.get(f"{root.rstrip('/')}/{shard['file']}", str(tmp))
-                if file_sha256(str(tmp)) != shard["sha256"]:
-                    raise CorruptDataError(
-                        f"shard {shard['file']} downloaded from {root} does not match its sha256 in "
-                        "meta.json (corrupted or being rewritten); re-run prepare"
-                    )
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-            n += 1
+    for shard in _shards(meta):
+        target = local / shard["file"]
+        if target.exists() and file_sha256(str(target)) == shard["sha256"]:
+            continue
+        n += _download_one(fs, root, local, shard)
     if n:
         log(f"data: {n} shard(s) downloaded to {local}")
     return n
+
+
+# ---- streamed shards: a corpus larger than the node's disk ------------------------------------------
+class StreamedShards:
+    """Remote shards fetched into this node's cache one at a time, as the sampler reaches them, and
+    removed least recently used first when the cache would outgrow ``max_gb`` (``data.block_shards``).
+
+    A process reading a shard holds a shared lock on its pin file, so no process on the node removes it
+    (removal takes the exclusive lock without waiting). A process that finds it missing downloads it,
+    one download at a time per node (a temporary name of its own, sha256 checked, renamed into place: a
+    file under its final name is verified). The bound holds the shards every process of the node
+    has pinned: ranks read in step, so that is about one process's share."""
+
+    def __init__(self, uri: str, meta: dict, cache_dir: str | None, max_gb: float,
+                 log: Callable[[str], None] = lambda _: None):
+        self.fs, self.root = filesystem(uri)
+        base, name = Path(cache_dir or default_cache_dir()), f"{_key(uri, meta)}-streamed"
+        self.local = base / name
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.limit, self.log = int(max_gb * 1e9), log
+        self.downloaded = 0  # by this process
+        # held shared while open: the whole-dataset eviction of other runs leaves the directory alone
+        self._lease = os.open(base / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lease, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        if getattr(self, "_lease", None) is not None:
+            os.close(self._lease)
+            self._lease = None
+
+    def __del__(self):
+        self.close()
+
+    def open(self, shard: dict) -> tuple[str, int]:
+        """(local path, lock fd) of ``shard``, present and pinned until ``os.close(fd)``."""
+        target = self.local / shard["file"]
+        pin = os.open(self.local / f".{shard['file']}.pin", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                fcntl.flock(pin, fcntl.LOCK_SH)
+                if target.exists():
+                    os.utime(target)  # recently used: removed last
+                    return str(target), pin
+                fcntl.flock(pin, fcntl.LOCK_UN)
+                self._fetch(shard, target)
+        except BaseException:
+            os.close(pin)
+            raise
+
+    def _fetch(self, shard: dict, target: Path) -> None:
+        # One download at a time per node and dataset, under a lock of its own (never a pin: a process
+        # waiting to download must not wait on readers, who may be waiting on it): the room one makes is
+        # still free when its shard lands, so the bound holds.
+        fetching = os.open(self.local / ".fetching", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fetching, fcntl.LOCK_EX)
+            if not target.exists():  # nobody fetched it while this process waited
+                self._make_room(2 * shard["tokens"] + 128)
+                self.downloaded += _download_one(self.fs, self.root, self.local, shard)
+        finally:
+            os.close(fetching)
+
+    def _make_room(self, need: int) -> None:
+        files = _sizes(self.local)
+        used = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files):  # least recently used first
+            if used + need <= self.limit:
+                return
+            fd = os.open(self.local / f".{p.name}.pin", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while any process reads it
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                p.unlink(missing_ok=True)  # (another process may have just removed it)
+                used -= size
+            finally:
+                os.close(fd)
+        if used + need > self.limit:
+            raise ConfigError(
+                f"data.cache_max_gb={self.limit / 1e9:g}: the shards in use on this node ({used / 1e9:.3g} GB) "
+                f"leave no room for the next ({need / 1e9:.3g} GB); raise it or lower data.block_shards"
+            )
+
+
+def _sizes(local: Path) -> list[tuple[float, int, Path]]:
+    """(last use, size, path) of the shards in ``local``; other processes add and remove them meanwhile."""
+    out = []
+    for p in local.iterdir():
+        if not p.name.startswith("."):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, p))
+    return out
+
+
+def _download_one(fs, root: str, local: Path, shard: dict) -> int:
+    tmp = local / f".{shard['file']}.{os.getpid()}.{uuid.uuid4().hex}.part"
+    try:
+        fs.get(f"{root.rstrip('/')}/{shard['file']}", str(tmp))
+        if file_sha256(str(tmp)) != shard["sha256"]:
+            raise CorruptDataError(
+                f"shard {shard['file']} downloaded from {root} does not match its sha256 in meta.json "
+                "(corrupted or being rewritten); re-run prepare"
+            )
+        os.replace(tmp, local / shard["file"])
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return 1

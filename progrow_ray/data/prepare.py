@@ -17,18 +17,20 @@ import functools
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import pickle
+import tempfile
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError, require
 from ..integrations.storage import filesystem
-from .sources import SourceFile, list_files, read_documents
+from .sources import PART_BYTES, TEXT_PIECE_BYTES, Part, SourceFile, list_files, parts, read_documents, read_part
 from .tokenizer import EOT, VOCAB_SIZE, gpt2_encoding
 
 FORMAT = "progrow_ray.tokens.v1"
@@ -192,44 +194,126 @@ def file_groups(files: list[SourceFile], target_bytes: int) -> list[list[SourceF
     return groups + ([current] if current else [])
 
 
-def _group_tokens(group: list[SourceFile]) -> list[tuple[str, int, np.ndarray]]:
-    return list(batched_tokens(file_documents(group), 1))
+# A unit of work for one tokeniser process: parts of consecutive files, about this many bytes of source.
+UNIT_BYTES = 1 << 20
+IN_FLIGHT_PER_WORKER = 8  # units queued per process: a slow unit at the head of the line idles no one
+_encoding = None  # a tokeniser process's copy of the encoding
 
 
-def local_tokens(files: list[SourceFile], threads: int, bar=None) -> TokenStream:
-    """The local engine: one process, ``threads`` threads each reading and tokenising a group of files
-    (tiktoken runs without the GIL), results in file order, at most 2 groups per thread in flight. A file
-    larger than a group is streamed by one thread, its documents in batches."""
-    if threads <= 1:
+def _start_worker(encoding_file: str, environ: dict[str, str]) -> None:
+    """Take the parent's environment as it is now (the fork server holds the one it started with:
+    credentials and endpoints may have changed since) and load the encoding the parent pickled (~40 ms;
+    building it takes ~1 s)."""
+    global _encoding
+    os.environ.clear()
+    os.environ.update(environ)
+    with open(encoding_file, "rb") as fh:
+        _encoding = pickle.load(fh)
+
+
+def work_units(files: list[SourceFile], unit_bytes: int = UNIT_BYTES) -> list[list[Part] | SourceFile]:
+    """What the local engine hands its processes, in file order: lists of parts of about ``unit_bytes``
+    (small files together, long jsonl and parquet files cut into parts), or a long text file, which this
+    process streams itself (its pieces end at blank lines, found only by reading it)."""
+    units, current, size = [], [], 0
+    for f in files:
+        if f.size > TEXT_PIECE_BYTES and not f.url.endswith((".jsonl", ".parquet")):
+            units += ([current] if current else []) + [f]
+            current, size = [], 0
+            continue
+        for p in parts(f, PART_BYTES):
+            current.append(p)
+            size += p.size
+            if size >= unit_bytes:
+                units.append(current)
+                current, size = [], 0
+    return units + ([current] if current else [])
+
+
+def _unit_tokens(unit: list[Part]) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """One unit in a tokeniser process: (documents in each part, each document's length, all the tokens
+    in one array): three objects to send back, not one per document."""
+    enc = _encoding or gpt2_encoding()
+    counts, arrays = [], []
+    for p in unit:
+        before = len(arrays)
+        arrays += [_one(enc, doc) for doc in read_part(p)]
+        counts.append(len(arrays) - before)
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    return counts, lengths, (np.concatenate(arrays) if arrays else np.empty(0, np.uint16))
+
+
+def _unpacked(unit: list[Part], result, seen: dict[str, int], bar) -> TokenStream:
+    counts, lengths, tokens = result
+    ends = np.cumsum(lengths)
+    k = 0
+    for p, n in zip(unit, counts):
+        first = seen.get(p.file.name, 0)  # a part's documents continue its file's numbering
+        for j in range(n):
+            yield p.file.name, first + j, tokens[ends[k] - lengths[k]: ends[k]]
+            k += 1
+        seen[p.file.name] = first + n
+    if bar is not None:
+        bar.update(sum(p.size for p in unit))
+
+
+def _tokeniser_context():
+    """Forkserver: the server is a fresh process (nothing forked from a threaded parent such as a Ray
+    driver) that imports this module once; each pool's processes fork from it in milliseconds."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def local_tokens(files: list[SourceFile], workers: int, bar=None) -> TokenStream:
+    """The local engine: ``workers`` tokeniser processes (no GIL shared), each reading and tokenising a
+    unit of parts of files at a time; results in file order, at most ``IN_FLIGHT_PER_WORKER`` units per
+    process in flight, so memory stays bounded whatever the corpus's size. One worker: this process
+    alone, streaming."""
+    if workers <= 1:
         yield from batched_tokens(file_documents(files, bar), 1)
         return
-    groups = file_groups(files, BATCH_BYTES)
-    pool, pending = _pool(threads), deque()
-    for group in groups:
-        if sum(f.size for f in group) > 4 * BATCH_BYTES:  # a large file: streamed, never whole in memory
-            while pending:
-                yield from _done(pending.popleft(), bar)
-            yield from batched_tokens(file_documents(group, bar), threads)
-            continue
-        pending.append((group, pool.submit(_group_tokens, group)))
-        if len(pending) >= 2 * threads:
-            yield from _done(pending.popleft(), bar)
-    while pending:
-        yield from _done(pending.popleft(), bar)
+    seen: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="progrow-tokeniser-") as tmp:
+        encoding_file = os.path.join(tmp, "gpt2.pickle")
+        with open(encoding_file, "wb") as fh:
+            pickle.dump(gpt2_encoding(), fh)
+        pool = ProcessPoolExecutor(workers, mp_context=_tokeniser_context(),
+                                   initializer=_start_worker, initargs=(encoding_file, dict(os.environ)))
+        yield from _pooled(pool, files, workers, seen, bar)
 
 
-def _done(item, bar) -> TokenStream:
-    group, future = item
-    yield from future.result()
-    if bar is not None:
-        bar.update(sum(f.size for f in group))
+def _pooled(pool: ProcessPoolExecutor, files: list[SourceFile], workers: int, seen: dict, bar) -> TokenStream:
+    pending: deque = deque()
+
+    def oldest() -> TokenStream:
+        unit, future = pending.popleft()
+        return _unpacked(unit, future.result(), seen, bar)
+
+    finished = False
+    try:
+        for unit in work_units(files):
+            if isinstance(unit, SourceFile):  # a long text file: streamed here, encoded on threads
+                while pending:
+                    yield from oldest()
+                yield from batched_tokens(file_documents([unit], bar), workers)
+                continue
+            pending.append((unit, pool.submit(_unit_tokens, unit)))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                yield from oldest()
+        while pending:
+            yield from oldest()
+        finished = True
+    finally:
+        # every result in: the processes exit on their own; an error or an abandoned stream: stop them now
+        pool.shutdown(wait=not finished, cancel_futures=True)
 
 
 def prepare(source: str, dst: str, settings: PrepareSettings = PrepareSettings(), *,
             progress: bool = True, log: Callable[[str], None] = print,
-            tokens: Callable[[list[SourceFile]], TokenStream] | None = None, threads: int | None = None) -> dict:
+            tokens: Callable[[list[SourceFile]], TokenStream] | None = None, workers: int | None = None) -> dict:
     """Tokenise ``source`` into ``dst``; returns the metadata. A no-op when ``dst`` is up to date.
-    ``tokens(files)`` is the engine (default: this process, ``threads`` tokeniser threads, all cores);
+    ``tokens(files)`` is the engine (default: ``workers`` tokeniser processes, one per core);
     the Ray Data engine (``orchestration/prepare_ray.py``) passes its own and writes the same bytes."""
     files = list_files(source)
     fp = fingerprint(source, files, settings)
@@ -247,10 +331,12 @@ def prepare(source: str, dst: str, settings: PrepareSettings = PrepareSettings()
         raise ConfigError(f"data.uri {dst}: cannot write there ({type(e).__name__}: {e})") from e
     used = within_budget(files, settings)
     writers = {s: _ShardWriter(fs, root, s, settings.shard_tokens) for s in ("train", "val")}
+    from tqdm.auto import tqdm  # here: the tokeniser processes import this module and never draw a bar
+
     # disable=None: a bar on a terminal only, never a wall of carriage returns in a log
     bar = tqdm(total=sum(f.size for f in used), unit="B", unit_scale=True, desc="tokenising",
                disable=None if progress else True)
-    stream = tokens(used) if tokens is not None else local_tokens(used, threads or os.cpu_count() or 1, bar)
+    stream = tokens(used) if tokens is not None else local_tokens(used, workers or os.cpu_count() or 1, bar)
     for name, i, arr in stream:
         writers["val" if is_val(f"{name}#{i}", settings.val_fraction) else "train"].add(arr)
     bar.close()

@@ -19,4 +19,5 @@ def open_run_data(data, model_config, seed: int) -> TokenData | SyntheticImageDa
         return SyntheticImageData(classes=model_config.num_classes, image_size=data.image_size,
                                   noise=data.image_noise, seed=seed)
     require(data.source != SYNTHETIC_IMAGES, f"data.source={SYNTHETIC_IMAGES!r} needs an image model (model.kind=resnet)")
-    return TokenData(data.uri, data.seq_len, seed, data.verify, data.cache_dir, data.cache_max_gb)
+    return TokenData(data.uri, data.seq_len, seed, data.verify, data.cache_dir, data.cache_max_gb,
+                     data.block_shards)

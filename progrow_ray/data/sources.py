@@ -5,7 +5,6 @@ glob. Files are listed in sorted order so everything downstream is deterministic
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import sysconfig
@@ -33,14 +32,24 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def _walk(root: str, suffixes: tuple[str, ...], skip: frozenset = frozenset()) -> list[SourceFile]:
+    """Files under ``root`` with one of ``suffixes``, named relative to it; directories in ``skip`` are
+    pruned, not walked. One stat per file (a corpus may hold millions)."""
+    files = []
+    for top, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for name in names:
+            if os.path.splitext(name)[1] in suffixes:
+                path = os.path.join(top, name)
+                st = os.stat(path)
+                files.append(SourceFile(path, os.path.relpath(path, root), st.st_size, str(st.st_mtime_ns)))
+    return files
+
+
 def list_files(source: str) -> list[SourceFile]:
     """Every input file of ``source``, sorted; ConfigError if there is none."""
     if source == STDLIB:
-        root = stdlib_root()
-        paths = [p for p in root.rglob("*.py")
-                 if not {"site-packages", "dist-packages", "__pycache__"} & set(p.relative_to(root).parts)]
-        files = [SourceFile(str(p), str(p.relative_to(root)), p.stat().st_size, str(p.stat().st_mtime_ns))
-                 for p in paths]
+        files = _walk(str(stdlib_root()), (".py",), frozenset({"site-packages", "dist-packages", "__pycache__"}))
     elif is_remote(source):
         fs, path = filesystem(source)
         try:
@@ -57,13 +66,13 @@ def list_files(source: str) -> list[SourceFile]:
     else:
         p = Path(source).expanduser()
         if p.is_dir():
-            candidates, root = [q for q in p.rglob("*") if q.is_file()], p
+            files = _walk(str(p), EXTENSIONS)
         else:
             candidates = [Path(q) for q in glob.glob(str(p), recursive=True) if Path(q).is_file()]
             root = Path(str(p).split("*")[0]).parent if "*" in str(p) else p.parent
-        files = [SourceFile(str(q), str(q.relative_to(root)) if q.is_relative_to(root) else q.name,
-                            q.stat().st_size, str(q.stat().st_mtime_ns))
-                 for q in candidates if q.suffix in EXTENSIONS]
+            files = [SourceFile(str(q), str(q.relative_to(root)) if q.is_relative_to(root) else q.name,
+                                q.stat().st_size, str(q.stat().st_mtime_ns))
+                     for q in candidates if q.suffix in EXTENSIONS]
     if not files:
         raise ConfigError(f"data.source {source!r}: no input files ({', '.join(EXTENSIONS)}) found; "
                           "point it at a directory or glob of text, or use 'stdlib'")
@@ -77,29 +86,91 @@ def read_documents(f: SourceFile, piece_bytes: int = TEXT_PIECE_BYTES) -> Iterat
     """The documents of one file, streamed (memory stays bounded whatever the file's size): a whole text
     file (one longer than ``piece_bytes`` in pieces that end at blank lines), one jsonl line, or one
     parquet row."""
+    yield from read_part(Part(f), piece_bytes)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part of one file that can be read on its own: jsonl lines starting in bytes [start, stop),
+    parquet row groups [start, stop); ``stop=None``: to the end. The parts of a file, read in order, give
+    exactly the documents of the whole file, so engines may hand them to different processes."""
+
+    file: SourceFile
+    start: int = 0
+    stop: int | None = None
+    nbytes: int | None = None  # about how much of the file it is (progress, work units); None: all of it
+
+    @property
+    def size(self) -> int:
+        return self.file.size if self.nbytes is None else self.nbytes
+
+
+PART_BYTES = 8 << 20  # a jsonl or parquet file longer than this is split into parts of about this size
+
+
+def parts(f: SourceFile, part_bytes: int = PART_BYTES) -> list[Part]:
+    """``f`` as parts of about ``part_bytes`` (text files, and files under that size, are one part)."""
+    if f.size <= part_bytes:
+        return [Part(f)]
+    if f.url.endswith(".jsonl"):
+        bounds = list(range(0, f.size, part_bytes)) + [None]
+        return [Part(f, a, b, (b or f.size) - a) for a, b in zip(bounds, bounds[1:])]
+    if f.url.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with open_file(f.url, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+        n, share = meta.num_row_groups, f.size // max(1, meta.num_row_groups)
+        out, first, size = [], 0, 0
+        for g in range(n):
+            size += meta.row_group(g).total_byte_size
+            if size >= part_bytes:
+                out.append(Part(f, first, g + 1, share * (g + 1 - first)))
+                first, size = g + 1, 0
+        return out + ([Part(f, first, None, share * (n - first))] if first < n or not out else [])
+    return [Part(f)]
+
+
+def read_part(p: Part, piece_bytes: int = TEXT_PIECE_BYTES) -> Iterator[str]:
+    """The documents of one part of a file, in file order."""
+    f = p.file
     with open_file(f.url, "rb") as fh:
         if f.url.endswith(".jsonl"):
-            for n, line in enumerate(io.TextIOWrapper(fh, encoding="utf-8", errors="replace")):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ConfigError(f"data.source file {f.name} line {n + 1}: expected JSON with a 'text' field") from e
-                if text:
-                    yield text
+            yield from _jsonl(fh, f.name, p.start, p.stop)
         elif f.url.endswith(".parquet"):
             import pyarrow.parquet as pq
 
             pf = pq.ParquetFile(fh)
             if "text" not in pf.schema_arrow.names:
                 raise ConfigError(f"data.source file {f.name}: parquet has no 'text' column (has {pf.schema_arrow.names})")
-            for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+            groups = list(range(p.start, pf.metadata.num_row_groups if p.stop is None else p.stop))
+            for batch in pf.iter_batches(columns=["text"], batch_size=1024, row_groups=groups):
                 for text in batch.column(0).to_pylist():
                     if text:
                         yield text
         else:
             yield from _text_pieces(fh, piece_bytes)
+
+
+def _jsonl(fh, name: str, start: int, stop: int | None) -> Iterator[str]:
+    """The ``text`` of every jsonl line that starts in bytes [start, stop)."""
+    if start > 0:  # the line that crosses ``start`` belongs to the part before
+        fh.seek(start - 1)
+        fh.readline()
+    pos = fh.tell()
+    while stop is None or pos < stop:
+        line = fh.readline()
+        if not line:
+            break
+        at, pos = pos, pos + len(line)
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line.decode("utf-8", errors="replace"))["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"data.source file {name} at byte {at}: expected a JSON line with a 'text' field") from e
+        if text:
+            yield text
 
 
 def _text_pieces(fh, piece_bytes: int) -> Iterator[str]:

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from progrow_ray.core import ConfigError
-from progrow_ray.data.cache import MARKER, CorruptDataError, cached_shards
+from progrow_ray.data.cache import MARKER, CorruptDataError, _sizes, cached_shards
 from progrow_ray.data.prepare import PrepareSettings, prepare, read_meta
 from progrow_ray.data.sampler import TokenShards
 
@@ -105,3 +105,59 @@ def test_the_cache_bound_evicts_datasets_no_process_has_open(remote_tokens, tmp_
     second.close()
     with pytest.raises(ConfigError, match="cannot hold this dataset"):
         cached_shards(uri, meta, cache, 0.5 * size / 1e9)
+
+
+def stream_batches(uri, cache, limit_gb, barrier, queue, batches):
+    """One rank reading a streamed dataset: the sums of its batches, and the cache's largest size seen."""
+    try:
+        from progrow_ray.data.sampler import TokenData
+
+        barrier.wait(timeout=120)
+        data = TokenData(uri, 32, seed=7, cache_dir=cache, cache_max_gb=limit_gb, block_shards=2)
+        sums, most = [], 0
+        for _ in range(batches):
+            barrier.wait(timeout=120)  # in step, as ranks are (every step's collectives hold them together)
+            sums.append(int(data.next_batch(6)[0].sum()))
+            most = max(most, sum(size for _, size, _ in _sizes(data.train.stream.local)))
+        queue.put(("ok", sums, most, data.train.stream.downloaded))
+    except BaseException as e:  # noqa: BLE001 (reported to the test)
+        queue.put(("error", f"{type(e).__name__}: {e}", 0, 0))
+
+
+@pytest.mark.cluster
+def test_a_corpus_larger_than_the_cache_streams_through_it_a_block_at_a_time(text_corpus, s3_endpoint, tmp_path):
+    """data.block_shards: three processes of a node read a remote dataset 4x larger than data.cache_max_gb
+    for two epochs: the batches are those of the same data read from a local copy, the cache never
+    outgrows its bound, and shards are fetched again after they were removed."""
+    from progrow_ray.data.sampler import TokenData
+
+    reset(s3_endpoint)
+    make_bucket("corpus")
+    settings = PrepareSettings(0.2, shard_tokens=4_000)
+    meta = prepare(str(text_corpus), "s3://corpus/tokens", settings, **QUIET)
+    prepare(str(text_corpus), str(tmp_path / "local"), settings, **QUIET)
+    train = meta["splits"]["train"]
+    shard_bytes = 2 * 4_000 + 128
+    limit = 12 * shard_bytes  # 3 x (2 + 1) + 2 shards: the least a block of 2 needs
+    assert 2 * train["tokens"] + 128 * len(train["shards"]) > 4 * limit
+    reference = TokenData(str(tmp_path / "local"), 32, seed=7, block_shards=2)
+    n_batches = 2 * reference.sampler.n_windows // 6 + 1  # two epochs
+    expected = [int(reference.next_batch(6)[0].sum()) for _ in range(n_batches)]
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(3), ctx.Queue()
+    cache = str(tmp_path / "cache")
+    procs = [ctx.Process(target=stream_batches, args=("s3://corpus/tokens", cache, limit / 1e9, barrier, queue,
+                                                      n_batches)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [r[0] for r in results] == ["ok"] * 3, results
+    for _, sums, most, _ in results:
+        assert sums == expected  # the same order, wherever the shards are read from
+        assert most <= limit
+    assert sum(r[3] for r in results) > len(train["shards"])  # removed shards were fetched again
+    with pytest.raises(ConfigError, match="too small to stream blocks of data.block_shards=4"):
+        TokenData("s3://corpus/tokens", 32, seed=7, cache_dir=cache, cache_max_gb=limit / 1e9, block_shards=4)
+    reset(s3_endpoint)

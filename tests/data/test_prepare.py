@@ -1,4 +1,5 @@
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -74,8 +75,15 @@ def test_reads_and_writes_s3(text_corpus, tmp_path, s3_endpoint):
     for p in sorted(text_corpus.iterdir()):
         fs.put(str(p), f"corpus/raw/{p.name}")
     s = PrepareSettings(val_fraction=0.3)
-    meta = prepare("s3://corpus/raw", "s3://corpus/tokens", s, **QUIET)
-    local = prepare("s3://corpus/raw", str(tmp_path / "local"), s, **QUIET)
+    # Two tokeniser processes read S3. They fork from a server started before this test's moto endpoint
+    # existed (by an earlier test, or now), so they reach it only if they take the caller's environment.
+    with pytest.MonkeyPatch.context() as m:
+        m.delenv("AWS_ENDPOINT_URL")
+        started = multiprocessing.get_context("forkserver").Process(target=print)
+        started.start()
+        started.join()
+    meta = prepare("s3://corpus/raw", "s3://corpus/tokens", s, workers=2, **QUIET)
+    local = prepare("s3://corpus/raw", str(tmp_path / "local"), s, workers=2, **QUIET)
     assert meta["splits"] == local["splits"]  # same shards, same sha256, wherever they are written
     assert fs.exists("corpus/tokens/meta.json")
     logs = []
@@ -168,6 +176,63 @@ def test_a_long_text_file_is_read_in_pieces_that_end_at_blank_lines(tmp_path):
     assert len(pieces) > 5 and "".join(pieces) == text  # nothing lost or repeated
     assert all(p.endswith("\n\n") for p in pieces[:-1])  # cut between paragraphs, never inside one
     assert list(read_documents(f)) == [text]  # a file under the piece size stays one document
+
+
+def _mixed_corpus(root: Path, n: int = 60) -> Path:
+    """jsonl (with blank lines, CRLF endings and empty texts), multi-row-group parquet and text files."""
+    rng = np.random.default_rng(0)
+    docs = [" ".join(f"w{rng.integers(0, 500)}" for _ in range(rng.integers(1, 400))) for _ in range(n)]
+    root.mkdir(parents=True)
+    lines = []
+    for i, d in enumerate(docs):
+        lines.append(json.dumps({"text": d if i % 9 else ""}) + ("\r\n" if i % 4 == 0 else "\n"))
+        if i % 7 == 0:
+            lines.append("\n")
+    (root / "a.jsonl").write_text("".join(lines))
+    pq.write_table(pa.table({"text": docs[::-1]}), root / "b.parquet", row_group_size=7)
+    for i in range(5):
+        (root / f"c{i}.txt").write_text(docs[i] * 3)
+    return root
+
+
+def test_the_parts_of_a_file_hold_exactly_its_documents(tmp_path):
+    from progrow_ray.data.sources import list_files, parts, read_documents, read_part
+
+    files = list_files(str(_mixed_corpus(tmp_path / "src")))
+    for f in files:
+        whole = list(read_documents(f))
+        for part_bytes in (1, 37, 500, 4096, 10**9):
+            ps = parts(f, part_bytes)
+            if f.url.endswith((".jsonl", ".parquet")) and part_bytes < 4096:
+                assert len(ps) > 1, (f.name, part_bytes)
+            assert [d for p in ps for d in read_part(p)] == whole, (f.name, part_bytes)
+        assert sum(p.size for p in parts(f, 500)) <= f.size
+
+
+def test_tokeniser_processes_write_the_bytes_one_process_writes(tmp_path, monkeypatch):
+    """The local engine on 1 process and on 3, with files cut into many parts and units (a part's
+    documents continue its file's numbering, so the train/val split is the same): the same shards."""
+    import progrow_ray.data.prepare as prep
+
+    src = _mixed_corpus(tmp_path / "src")
+    monkeypatch.setattr(prep, "PART_BYTES", 2_000)
+    monkeypatch.setattr(prep, "UNIT_BYTES", 3_000)
+    assert sum(len(u) for u in prep.work_units(prep.list_files(str(src)))) > 20
+    s = PrepareSettings(val_fraction=0.2, shard_tokens=3_000)
+    one = prepare(str(src), str(tmp_path / "one"), s, workers=1, **QUIET)
+    three = prepare(str(src), str(tmp_path / "three"), s, workers=3, **QUIET)
+    assert one["splits"] == three["splits"] and one["splits"]["val"]["documents"] > 0
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "three")
+
+
+def test_a_bad_line_in_a_tokeniser_process_is_one_clear_error(tmp_path):
+    (tmp_path / "src").mkdir()
+    for i in range(4):
+        (tmp_path / "src" / f"ok{i}.txt").write_text("fine text " * 50)
+    (tmp_path / "src" / "z.jsonl").write_text('{"text": "a"}\n{"body": 1}\n')
+    with pytest.raises(ConfigError, match=r"z.jsonl at byte 14: expected a JSON line with a 'text' field"):
+        prepare(str(tmp_path / "src"), str(tmp_path / "o"), workers=2, **QUIET)
+    assert read_meta(str(tmp_path / "o")) is None
 
 
 @pytest.mark.slow

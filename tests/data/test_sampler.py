@@ -70,3 +70,44 @@ def test_eval_windows_are_fixed_and_split_over_ranks(prepared):
     assert whole.shape == (32, 32)
     parts = [torch.cat([x for x, _ in eval_batches(shards, 32, 1024, 4, rank=r, world_size=2)]) for r in range(2)]
     assert sorted(map(tuple, torch.cat(parts).tolist())) == sorted(map(tuple, whole.tolist()))
+
+
+def test_block_order_covers_every_window_once_an_epoch_and_reads_a_block_at_a_time(text_corpus, tmp_path):
+    from progrow_ray.data.prepare import PrepareSettings, prepare
+
+    prepare(str(text_corpus), str(tmp_path / "d"), PrepareSettings(val_fraction=0.2, shard_tokens=3000),
+            progress=False, log=lambda _: None)
+    shards = TokenShards(str(tmp_path / "d"), "train")
+    assert len(shards.shard_meta) >= 8
+    s = SequenceSampler(shards, 32, seed=3, block_shards=2)
+    n, bw = s.n_windows, s.block_windows
+    assert bw == 2 * 3000 // 32 and s.n_blocks == -(-n // bw)
+    for epoch in (0, 1):
+        ids = [s.window_index(epoch * n + i) for i in range(n)]
+        assert sorted(ids) == list(range(n))  # every window once an epoch
+        blocks = [i // bw for i in ids]
+        changes = sum(a != b for a, b in zip(blocks, blocks[1:]))
+        assert changes == s.n_blocks - 1  # one block after another, never back
+        for k in range(s.n_blocks):  # a block's windows lie within K + 1 shards
+            touched = {sh for i in ids if i // bw == k for sh in shards.shards_of(i * 32, 33)}
+            assert len(touched) <= 3
+    first = [s.window_index(i) for i in range(n)]
+    assert first != [s.window_index(n + i) for i in range(n)]  # a new order each epoch
+    assert first != sorted(first)
+    other = SequenceSampler(shards, 32, seed=4, block_shards=2)
+    assert first != [other.window_index(i) for i in range(n)]
+    # the batches a resumed sampler reads continue the original's, and the block size is part of the state
+    a = SequenceSampler(shards, 32, seed=3, block_shards=2)
+    batches = [a.next_batch(5)[0] for _ in range(6)]
+    b = SequenceSampler(shards, 32, seed=3, block_shards=2)
+    for _ in range(3):
+        b.next_batch(5)
+    c = SequenceSampler(shards, 32, seed=3, block_shards=2)
+    c.load_state_dict(b.state_dict())
+    assert all(torch.equal(c.next_batch(5)[0], x) for x in batches[3:])
+    import pytest
+
+    from progrow_ray.core import ConfigError
+
+    with pytest.raises(ConfigError, match="data.block_shards must stay the same"):
+        SequenceSampler(shards, 32, seed=3).load_state_dict(b.state_dict())

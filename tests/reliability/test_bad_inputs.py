@@ -78,6 +78,12 @@ CASES = [
     ("warmup fraction", PIPE, ["schedule.warmup_frac=1.5"], ["schedule.warmup_frac must be in [0, 1)"]),
     ("search fraction", PIPE, ["tune.search_fraction=2"], ["tune.search_fraction must be in (0, 1]"]),
     (
+        "streamed blocks without a cache bound",
+        PIPE,
+        ["data.block_shards=4"],
+        ["data.block_shards streams shards through the node cache", "set data.cache_max_gb"],
+    ),
+    (
         "search over its budget",
         PIPE,
         ["tune.search_fraction=0.05"],

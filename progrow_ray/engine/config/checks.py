@@ -74,6 +74,12 @@ def check_data(cfg: RunConfig) -> None:
     require(
         d.cache_max_gb is None or d.cache_max_gb > 0, f"data.cache_max_gb must be > 0, got {d.cache_max_gb}"
     )
+    require(d.block_shards >= 0, f"data.block_shards must be >= 0 (0: one permutation), got {d.block_shards}")
+    require(
+        d.block_shards == 0 or d.cache_max_gb is not None,
+        "data.block_shards streams shards through the node cache: "
+        "set data.cache_max_gb, the most it may hold",
+    )
 
 
 def check_optimizer(cfg: RunConfig) -> None:

@@ -49,6 +49,10 @@ class DataSection:
     verify: bool = True  # check shard sha256 against meta.json on open
     cache_dir: str | None = None  # local copy of remote shards (default ~/.cache/progrow_ray)
     cache_max_gb: float | None = None  # node cache bound: least recently used datasets not open are removed
+    # 0: one permutation of every training window (the node caches the whole dataset). K > 0: shuffle in
+    # blocks of K shards, and stream remote shards through the node cache (bounded by cache_max_gb) as the
+    # blocks are reached: a corpus larger than a node's disk. Part of the data order: fixed for a run.
+    block_shards: int = 0
     # image models (source: synthetic-images): side of the square images, pixel noise against unit-std class
     # patterns (the task's difficulty). Their runs count images where language models count tokens.
     image_size: int = 224
