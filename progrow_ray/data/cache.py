@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import shutil
+import stat
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -134,7 +136,7 @@ def _bytes(meta: dict) -> int:
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return sum(size for _, size, _ in _sizes(path, hidden=True))
 
 
 def _make_room(base: Path, keep: str, need: int, limit: int, log) -> None:
@@ -214,12 +216,14 @@ class StreamedShards:
         self.fs, self.root = filesystem(uri)
         base, name = Path(cache_dir or default_cache_dir()), f"{_key(uri, meta)}-streamed"
         self.local = base / name
-        self.local.mkdir(parents=True, exist_ok=True)
         self.limit, self.log = int(max_gb * 1e9), log
         self.downloaded = 0  # by this process
-        # held shared while open: the whole-dataset eviction of other runs leaves the directory alone
+        # held shared while open (taken before the directory is made): the whole-dataset eviction of
+        # other runs leaves the directory alone
+        base.mkdir(parents=True, exist_ok=True)
         self._lease = os.open(base / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._lease, fcntl.LOCK_SH)
+        self.local.mkdir(exist_ok=True)
 
     def close(self) -> None:
         if getattr(self, "_lease", None) is not None:
@@ -245,25 +249,36 @@ class StreamedShards:
             os.close(pin)
             raise
 
-    def _fetch(self, shard: dict, target: Path) -> None:
+    def _fetch(self, shard: dict, target: Path, patience_s: float = 120.0) -> None:
         # One download at a time per node and dataset, under a lock of its own (never a pin: a process
         # waiting to download must not wait on readers, who may be waiting on it): the room one makes is
-        # still free when its shard lands, so the bound holds.
-        fetching = os.open(self.local / ".fetching", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fetching, fcntl.LOCK_EX)
-            if not target.exists():  # nobody fetched it while this process waited
-                self._make_room(2 * shard["tokens"] + 128)
-                self.downloaded += _download_one(self.fs, self.root, self.local, shard)
-        finally:
-            os.close(fetching)
+        # still free when its shard lands, so the bound holds. With no room (every shard pinned), wait for
+        # readers to move on, without the lock, then give up with one line.
+        deadline, delay = time.monotonic() + patience_s, 0.05
+        while True:
+            fetching = os.open(self.local / ".fetching", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fetching, fcntl.LOCK_EX)
+                if target.exists():  # fetched while this process waited
+                    return
+                for orphan in self.local.glob(".*.part"):  # only the lock's holder downloads: left by a crash
+                    orphan.unlink(missing_ok=True)
+                if self._make_room(2 * shard["tokens"] + 128, final=time.monotonic() > deadline):
+                    self.downloaded += _download_one(self.fs, self.root, self.local, shard)
+                    return
+            finally:
+                os.close(fetching)
+            time.sleep(delay)
+            delay = min(1.0, 2 * delay)
 
-    def _make_room(self, need: int) -> None:
+    def _make_room(self, need: int, final: bool) -> bool:
+        """Remove unpinned shards, least recently used first, until ``need`` more bytes fit under the bound;
+        False if they do not (every shard left is pinned), or, when ``final``, a ConfigError."""
         files = _sizes(self.local)
         used = sum(size for _, size, _ in files)
         for _, size, p in sorted(files):  # least recently used first
             if used + need <= self.limit:
-                return
+                return True
             fd = os.open(self.local / f".{p.name}.pin", os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while any process reads it
@@ -275,23 +290,33 @@ class StreamedShards:
                 used -= size
             finally:
                 os.close(fd)
-        if used + need > self.limit:
+        if used + need <= self.limit:
+            return True
+        if final:
             raise ConfigError(
-                f"data.cache_max_gb={self.limit / 1e9:g}: the shards in use on this node ({used / 1e9:.3g} GB) "
-                f"leave no room for the next ({need / 1e9:.3g} GB); raise it or lower data.block_shards"
+                f"data.cache_max_gb={self.limit / 1e9:g}: the shards pinned on this node ({used / 1e9:.3g} GB) "
+                f"leave no room for the next ({need / 1e9:.3g} GB) after waiting; raise it or lower "
+                "data.block_shards (readers not in step, such as τ-search probes, each pin their own blocks)"
             )
+        return False
 
 
-def _sizes(local: Path) -> list[tuple[float, int, Path]]:
-    """(last use, size, path) of the shards in ``local``; other processes add and remove them meanwhile."""
+def _sizes(local: Path, hidden: bool = False) -> list[tuple[float, int, Path]]:
+    """(last use, size, path) of the shards in ``local`` (with ``hidden``: every file); other processes
+    add and remove them meanwhile."""
     out = []
-    for p in local.iterdir():
-        if not p.name.startswith("."):
+    try:
+        entries = list(local.iterdir())
+    except FileNotFoundError:
+        return out
+    for p in entries:
+        if hidden or not p.name.startswith("."):
             try:
                 st = p.stat()
             except FileNotFoundError:
                 continue
-            out.append((st.st_mtime, st.st_size, p))
+            if not stat.S_ISDIR(st.st_mode):
+                out.append((st.st_mtime, st.st_size, p))
     return out
 
 

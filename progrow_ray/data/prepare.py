@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import contextlib
 import io
 import json
 import multiprocessing
 import os
 import pickle
+import sys
 import tempfile
+import types
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -197,37 +200,47 @@ def file_groups(files: list[SourceFile], target_bytes: int) -> list[list[SourceF
 # A unit of work for one tokeniser process: parts of consecutive files, about this many bytes of source.
 UNIT_BYTES = 1 << 20
 IN_FLIGHT_PER_WORKER = 8  # units queued per process: a slow unit at the head of the line idles no one
+IN_FLIGHT_BYTES_PER_WORKER = 32 << 20  # ... and at most this much source per process
 _encoding = None  # a tokeniser process's copy of the encoding
 
 
-def _start_worker(encoding_file: str, environ: dict[str, str]) -> None:
+def _start_worker(encoding_file: str, environ: dict[str, str], everyone=None) -> None:
     """Take the parent's environment as it is now (the fork server holds the one it started with:
-    credentials and endpoints may have changed since) and load the encoding the parent pickled (~40 ms;
-    building it takes ~1 s)."""
+    credentials and endpoints may have changed since), load the encoding the parent pickled (~40 ms;
+    building it takes ~1 s), and wait for the other processes of the pool to start."""
     global _encoding
     os.environ.clear()
     os.environ.update(environ)
     with open(encoding_file, "rb") as fh:
         _encoding = pickle.load(fh)
+    if everyone is not None:
+        everyone.wait(timeout=300)
 
 
-def work_units(files: list[SourceFile], unit_bytes: int = UNIT_BYTES) -> list[list[Part] | SourceFile]:
+def work_units(files: list[SourceFile], unit_bytes: int = UNIT_BYTES) -> Iterator[list[Part] | SourceFile]:
     """What the local engine hands its processes, in file order: lists of parts of about ``unit_bytes``
-    (small files together, long jsonl and parquet files cut into parts), or a long text file, which this
-    process streams itself (its pieces end at blank lines, found only by reading it)."""
-    units, current, size = [], [], 0
+    (small files together, long jsonl and parquet files cut into parts), or a file this process streams
+    itself, a batch of documents at a time: a long text file (its pieces end at blank lines, found only by
+    reading it) or a parquet file with a row group too large to hold whole in a tokeniser process."""
+    current, size = [], 0
     for f in files:
-        if f.size > TEXT_PIECE_BYTES and not f.url.endswith((".jsonl", ".parquet")):
-            units += ([current] if current else []) + [f]
+        long_text = f.size > TEXT_PIECE_BYTES and not f.url.endswith((".jsonl", ".parquet"))
+        file_parts = [] if long_text else parts(f, PART_BYTES)
+        # a parquet row group over 4 parts is streamed here instead: a tokeniser process holds a part whole
+        if not file_parts or max(p.size for p in file_parts) > 4 * PART_BYTES:
+            if current:
+                yield current
+            yield f
             current, size = [], 0
             continue
-        for p in parts(f, PART_BYTES):
+        for p in file_parts:
             current.append(p)
             size += p.size
             if size >= unit_bytes:
-                units.append(current)
+                yield current
                 current, size = [], 0
-    return units + ([current] if current else [])
+    if current:
+        yield current
 
 
 def _unit_tokens(unit: list[Part]) -> tuple[list[int], np.ndarray, np.ndarray]:
@@ -265,11 +278,41 @@ def _tokeniser_context():
     return ctx
 
 
+@contextlib.contextmanager
+def _without_main():
+    """A new process re-imports the parent's ``__main__`` (a user's script, ``progrow_ray.train`` with
+    torch...) unless it has none: hide it while the tokeniser processes start."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _start_pool(workers: int, encoding_file: str) -> ProcessPoolExecutor:
+    """``workers`` tokeniser processes, every one started now: each waits in its initializer for the
+    others, so the ``workers`` first tasks start ``workers`` processes, all without ``__main__``."""
+    ctx = _tokeniser_context()
+    everyone = ctx.Barrier(workers)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker,
+                               initargs=(encoding_file, dict(os.environ), everyone))
+    try:
+        with _without_main():  # each submit starts a process: none can finish before the last has started
+            started = [pool.submit(os.getpid) for _ in range(workers)]
+        for f in started:
+            f.result()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    return pool
+
+
 def local_tokens(files: list[SourceFile], workers: int, bar=None) -> TokenStream:
     """The local engine: ``workers`` tokeniser processes (no GIL shared), each reading and tokenising a
-    unit of parts of files at a time; results in file order, at most ``IN_FLIGHT_PER_WORKER`` units per
-    process in flight, so memory stays bounded whatever the corpus's size. One worker: this process
-    alone, streaming."""
+    unit of parts of files at a time; results in file order, with at most ``IN_FLIGHT_PER_WORKER`` units
+    and ``IN_FLIGHT_BYTES_PER_WORKER`` bytes of source per process in flight, so memory stays bounded
+    whatever the corpus's size. One worker: this process alone, streaming."""
     if workers <= 1:
         yield from batched_tokens(file_documents(files, bar), 1)
         return
@@ -278,8 +321,7 @@ def local_tokens(files: list[SourceFile], workers: int, bar=None) -> TokenStream
         encoding_file = os.path.join(tmp, "gpt2.pickle")
         with open(encoding_file, "wb") as fh:
             pickle.dump(gpt2_encoding(), fh)
-        pool = ProcessPoolExecutor(workers, mp_context=_tokeniser_context(),
-                                   initializer=_start_worker, initargs=(encoding_file, dict(os.environ)))
+        pool = _start_pool(workers, encoding_file)
         yield from _pooled(pool, files, workers, seen, bar)
 
 
@@ -290,16 +332,20 @@ def _pooled(pool: ProcessPoolExecutor, files: list[SourceFile], workers: int, se
         unit, future = pending.popleft()
         return _unpacked(unit, future.result(), seen, bar)
 
+    def in_flight() -> int:
+        return sum(p.size for unit, _ in pending for p in unit)
+
     finished = False
     try:
         for unit in work_units(files):
-            if isinstance(unit, SourceFile):  # a long text file: streamed here, encoded on threads
+            if isinstance(unit, SourceFile):  # streamed here, encoded on threads
                 while pending:
                     yield from oldest()
                 yield from batched_tokens(file_documents([unit], bar), workers)
                 continue
             pending.append((unit, pool.submit(_unit_tokens, unit)))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+            while pending and (len(pending) >= IN_FLIGHT_PER_WORKER * workers
+                               or in_flight() >= IN_FLIGHT_BYTES_PER_WORKER * workers):
                 yield from oldest()
         while pending:
             yield from oldest()
@@ -337,8 +383,13 @@ def prepare(source: str, dst: str, settings: PrepareSettings = PrepareSettings()
     bar = tqdm(total=sum(f.size for f in used), unit="B", unit_scale=True, desc="tokenising",
                disable=None if progress else True)
     stream = tokens(used) if tokens is not None else local_tokens(used, workers or os.cpu_count() or 1, bar)
-    for name, i, arr in stream:
-        writers["val" if is_val(f"{name}#{i}", settings.val_fraction) else "train"].add(arr)
+    try:
+        for name, i, arr in stream:
+            writers["val" if is_val(f"{name}#{i}", settings.val_fraction) else "train"].add(arr)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:  # a writer's error: the engine's processes stop now, not at garbage collection
+            close()
     bar.close()
     splits = {s: w.close() for s, w in writers.items()}
     require(splits["train"]["tokens"] > 0, f"data.source {source!r}: the corpus is empty after tokenising")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -87,13 +86,35 @@ class TokenShards:
                 self._pins.move_to_end(i)
             return a
         path, fd = self.stream.open(self.shard_meta[i])
+        try:
+            self.arrays[i] = _map(self.uri, path, self.shard_meta[i])
+        except BaseException:
+            os.close(fd)
+            raise
         self._pins[i] = fd
-        self.arrays[i] = _map(self.uri, path, self.shard_meta[i])
         while len(self._pins) > self.max_open:  # unpin the least recently read: the node may remove it
-            old, old_fd = self._pins.popitem(last=False)
-            self.arrays[old] = None
-            os.close(old_fd)
+            self._unpin(next(iter(self._pins)))
         return self.arrays[i]
+
+    def _unpin(self, i: int) -> None:
+        self.arrays[i] = None
+        os.close(self._pins.pop(i))
+
+    def keep_only(self, shards: set[int]) -> None:
+        """Unpin every open shard not in ``shards`` (streamed data only): the node may remove them."""
+        if self.stream is not None:
+            for i in [i for i in self._pins if i not in shards]:
+                self._unpin(i)
+
+    def close(self) -> None:
+        """Unpin every shard and give up the dataset's lease (streamed data; a no-op otherwise)."""
+        if self.stream is not None:
+            self.keep_only(set())
+            self.stream.close()
+
+    def __del__(self):
+        if getattr(self, "_pins", None) is not None:
+            self.close()
 
     def shards_of(self, start: int, length: int) -> range:
         """The shards that tokens [start, start + length) lie in."""
@@ -163,29 +184,44 @@ class SequenceSampler:
                                      f"data.seq_len={seq_len}; lower data.seq_len or add data")
         require(block_shards >= 0, f"data.block_shards must be >= 0, got {block_shards}")
         self.consumed = 0
+        self._recent: OrderedDict[tuple, object] = OrderedDict()
         if block_shards:
             shard_tokens = max(s["tokens"] for s in shards.shard_meta)
             self.block_windows = max(1, min(self.n_windows, block_shards * shard_tokens // seq_len))
             self.n_blocks = -(-self.n_windows // self.block_windows)
             # a batch may straddle two blocks, each over up to K + 1 shards: all of them stay pinned
             shards.max_open = 2 * (block_shards + 1)
-            self._block_at = -1  # the position in the epoch's block order last read
+            self._block_at: tuple[int, int] | None = None  # (epoch, position in its block order) last read
 
-    @lru_cache(maxsize=2)
+    def _memo(self, key: tuple, make):
+        """A few recent orders, kept on the sampler (a cache on the class would keep old samplers, and
+        their pinned shards, alive)."""
+        if key not in self._recent:
+            self._recent[key] = make()
+            if len(self._recent) > 6:
+                self._recent.popitem(last=False)
+        return self._recent[key]
+
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        return self._memo(("order", epoch),
+                          lambda: np.random.default_rng([self.seed, epoch]).permutation(self.n_windows))
 
-    @lru_cache(maxsize=2)
     def _blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's block order and, for each position in it, the epoch position its block begins at."""
-        order = np.random.default_rng([self.seed, epoch, 0]).permutation(self.n_blocks)
-        sizes = np.minimum(self.block_windows, self.n_windows - order * self.block_windows)
-        return order, np.cumsum(sizes) - sizes
+        def make():
+            order = np.random.default_rng([self.seed, epoch, 0]).permutation(self.n_blocks)
+            sizes = np.minimum(self.block_windows, self.n_windows - order * self.block_windows)
+            return order, np.cumsum(sizes) - sizes
+        return self._memo(("blocks", epoch), make)
 
-    @lru_cache(maxsize=4)
     def _within(self, epoch: int, block: int) -> np.ndarray:
         size = min(self.block_windows, self.n_windows - block * self.block_windows)
-        return np.random.default_rng([self.seed, epoch, 1, block]).permutation(size)
+        return self._memo(("within", epoch, block),
+                          lambda: np.random.default_rng([self.seed, epoch, 1, block]).permutation(size))
+
+    def _block_shards(self, block: int) -> range:
+        tokens = self.block_windows * self.seq_len
+        return self.shards.shards_of(block * tokens, tokens + 1)
 
     def window_index(self, global_index: int) -> int:
         """Which window of the split the ``global_index``-th sequence of the run reads."""
@@ -195,11 +231,16 @@ class SequenceSampler:
         order, begins = self._blocks(epoch)
         k = int(np.searchsorted(begins, i, side="right")) - 1
         block = int(order[k])
-        if k != self._block_at:  # a new block: fetch the next one's shards while this one is read
-            self._block_at = k
+        if (epoch, k) != self._block_at:  # a new block: unpin all but it and the last one (a batch may
+            # straddle the two), and fetch the next one's shards while this one is read
+            last = self._block_at
+            self._block_at = (epoch, k)
+            keep = set(self._block_shards(block))
+            if last is not None:
+                keep |= set(self._block_shards(int(self._blocks(last[0])[0][last[1]])))
+            self.shards.keep_only(keep)
             nxt = int(order[k + 1]) if k + 1 < len(order) else int(self._blocks(epoch + 1)[0][0])
-            self.shards.prefetch(self.shards.shards_of(nxt * self.block_windows * self.seq_len,
-                                                       self.block_windows * self.seq_len + 1))
+            self.shards.prefetch(self._block_shards(nxt))
         return block * self.block_windows + int(self._within(epoch, block)[i - int(begins[k])])
 
     def _window(self, global_index: int) -> np.ndarray:
@@ -239,8 +280,11 @@ def eval_batches(shards: TokenShards, seq_len: int, max_tokens: int, micro_batch
     require(n_available >= 1, f"the val split is shorter than one sequence of data.seq_len={seq_len}")
     n = max(1, min(n_available, max_tokens // seq_len))
     starts = [(k * n_available // n) * seq_len for k in range(n)]
-    for i in list(range(0, len(starts), micro_batch))[rank::world_size]:
-        yield _to_batch([shards.window(s, seq_len + 1) for s in starts[i: i + micro_batch]])
+    try:
+        for i in list(range(0, len(starts), micro_batch))[rank::world_size]:
+            yield _to_batch([shards.window(s, seq_len + 1) for s in starts[i: i + micro_batch]])
+    finally:
+        shards.keep_only(set())  # streamed: the validation shards are not needed until the next evaluation
 
 
 class TokenData:
@@ -274,6 +318,11 @@ class TokenData:
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
+
+    def close(self) -> None:
+        """Unpin streamed shards now (they are unpinned when the data is dropped, too)."""
+        self.train.close()
+        self.val.close()
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)

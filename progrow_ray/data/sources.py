@@ -41,7 +41,10 @@ def _walk(root: str, suffixes: tuple[str, ...], skip: frozenset = frozenset()) -
         for name in names:
             if os.path.splitext(name)[1] in suffixes:
                 path = os.path.join(top, name)
-                st = os.stat(path)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:  # a dangling link, or removed while listing
+                    continue
                 files.append(SourceFile(path, os.path.relpath(path, root), st.st_size, str(st.st_mtime_ns)))
     return files
 
@@ -118,8 +121,11 @@ def parts(f: SourceFile, part_bytes: int = PART_BYTES) -> list[Part]:
     if f.url.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        with open_file(f.url, "rb") as fh:
-            meta = pq.ParquetFile(fh).metadata
+        try:
+            with open_file(f.url, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise ConfigError(f"data.source file {f.name}: cannot read it as parquet ({type(e).__name__}: {e})") from e
         n, share = meta.num_row_groups, f.size // max(1, meta.num_row_groups)
         out, first, size = [], 0, 0
         for g in range(n):
@@ -153,24 +159,43 @@ def read_part(p: Part, piece_bytes: int = TEXT_PIECE_BYTES) -> Iterator[str]:
 
 
 def _jsonl(fh, name: str, start: int, stop: int | None) -> Iterator[str]:
-    """The ``text`` of every jsonl line that starts in bytes [start, stop)."""
-    if start > 0:  # the line that crosses ``start`` belongs to the part before
-        fh.seek(start - 1)
-        fh.readline()
-    pos = fh.tell()
+    """The ``text`` of every jsonl line that starts in bytes [start, stop). Lines end at ``\n``, ``\r\n``
+    or ``\r`` (universal newlines); blank lines are skipped."""
+    pos = 0 if start == 0 else _line_after(fh, start, stop)
+    if pos is None:
+        return  # no line starts in this part
+    fh.seek(pos)
     while stop is None or pos < stop:
-        line = fh.readline()
-        if not line:
+        raw = fh.readline()
+        if not raw:
             break
-        at, pos = pos, pos + len(line)
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line.decode("utf-8", errors="replace"))["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConfigError(f"data.source file {name} at byte {at}: expected a JSON line with a 'text' field") from e
-        if text:
-            yield text
+        at, pos = pos, pos + len(raw)
+        for line in raw.decode("utf-8", errors="replace").replace("\r\n", "\n").split("\r"):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConfigError(f"data.source file {name} at byte {at}: expected a JSON line with a 'text' "
+                                  "field") from e
+            if text:
+                yield text
+
+
+def _line_after(fh, start: int, stop: int | None, chunk: int = 1 << 16) -> int | None:
+    """Where the first line starting at or after ``start`` begins (the line crossing ``start`` belongs to
+    the part before), looked for in chunks up to ``stop``: a long line is skipped, never read whole."""
+    pos = start - 1
+    fh.seek(pos)
+    while stop is None or pos < stop:
+        data = fh.read(chunk)
+        if not data:
+            return None
+        i = data.find(b"\n")
+        if i >= 0:
+            return pos + i + 1
+        pos += len(data)
+    return None
 
 
 def _text_pieces(fh, piece_bytes: int) -> Iterator[str]:

@@ -187,9 +187,13 @@ def _mixed_corpus(root: Path, n: int = 60) -> Path:
     for i, d in enumerate(docs):
         lines.append(json.dumps({"text": d if i % 9 else ""}) + ("\r\n" if i % 4 == 0 else "\n"))
         if i % 7 == 0:
-            lines.append("\n")
-    (root / "a.jsonl").write_text("".join(lines))
+            lines.append("\n \u00a0\n")  # blank lines, one of them Unicode whitespace
+        if i == 30:
+            lines.append(json.dumps({"text": " ".join(docs) * 2}) + "\n")  # one line over many parts
+    (root / "a.jsonl").write_text("".join(lines), newline="")
+    (root / "cr.jsonl").write_text("".join(json.dumps({"text": d}) + "\r" for d in docs[:9]), newline="")
     pq.write_table(pa.table({"text": docs[::-1]}), root / "b.parquet", row_group_size=7)
+    pq.write_table(pa.table({"text": docs}), root / "one-group.parquet")  # one large row group
     for i in range(5):
         (root / f"c{i}.txt").write_text(docs[i] * 3)
     return root
@@ -201,12 +205,15 @@ def test_the_parts_of_a_file_hold_exactly_its_documents(tmp_path):
     files = list_files(str(_mixed_corpus(tmp_path / "src")))
     for f in files:
         whole = list(read_documents(f))
-        for part_bytes in (1, 37, 500, 4096, 10**9):
+        for part_bytes in (37, 500, 4096, 10**9):
             ps = parts(f, part_bytes)
-            if f.url.endswith((".jsonl", ".parquet")) and part_bytes < 4096:
+            if f.url.endswith((".jsonl", ".parquet")) and part_bytes < 4096 and f.name != "one-group.parquet":
                 assert len(ps) > 1, (f.name, part_bytes)
             assert [d for p in ps for d in read_part(p)] == whole, (f.name, part_bytes)
         assert sum(p.size for p in parts(f, 500)) <= f.size
+    by_name = {f.name: f for f in files}
+    assert list(read_documents(by_name["cr.jsonl"]))[2] == json.loads((tmp_path / "src" / "cr.jsonl").read_bytes().decode().split("\r")[2])["text"]
+    assert len(list(read_documents(by_name["cr.jsonl"]))) == 9  # \r ends a line, as universal newlines do
 
 
 def test_tokeniser_processes_write_the_bytes_one_process_writes(tmp_path, monkeypatch):
@@ -215,14 +222,35 @@ def test_tokeniser_processes_write_the_bytes_one_process_writes(tmp_path, monkey
     import progrow_ray.data.prepare as prep
 
     src = _mixed_corpus(tmp_path / "src")
-    monkeypatch.setattr(prep, "PART_BYTES", 2_000)
+    monkeypatch.setattr(prep, "PART_BYTES", 5_000)
     monkeypatch.setattr(prep, "UNIT_BYTES", 3_000)
-    assert sum(len(u) for u in prep.work_units(prep.list_files(str(src)))) > 20
+    units = list(prep.work_units(prep.list_files(str(src))))
+    assert sum(len(u) for u in units if isinstance(u, list)) > 20
+    assert [u.name for u in units if not isinstance(u, list)] == ["one-group.parquet"]  # streamed here
     s = PrepareSettings(val_fraction=0.2, shard_tokens=3_000)
     one = prepare(str(src), str(tmp_path / "one"), s, workers=1, **QUIET)
     three = prepare(str(src), str(tmp_path / "three"), s, workers=3, **QUIET)
     assert one["splits"] == three["splits"] and one["splits"]["val"]["documents"] > 0
     assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "three")
+
+
+def test_tokeniser_processes_do_not_rerun_the_caller_s_script(tmp_path):
+    """A script without a ``__main__`` guard calls prepare on two processes: it runs once (a new process
+    would otherwise import the caller's main module again, and prepare again)."""
+    (tmp_path / "src").mkdir()
+    for i in range(6):
+        (tmp_path / "src" / f"f{i}.txt").write_text(f"document {i} " * 300)
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from progrow_ray.data.prepare import PrepareSettings, prepare\n"
+        "print('script ran', flush=True)\n"
+        f"prepare({str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r}, PrepareSettings(0.3), workers=2, "
+        "progress=False, log=lambda _: None)\n"
+    )
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("script ran") == 1, p.stdout
+    assert read_meta(str(tmp_path / "out")) is not None
 
 
 def test_a_bad_line_in_a_tokeniser_process_is_one_clear_error(tmp_path):
@@ -292,7 +320,8 @@ def test_ray_data_and_local_engines_write_identical_shards(text_corpus, tmp_path
             "0.2",
             "--no-progress",
         ]
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
+        # a cluster of its own ("local"), never one another process started on this machine
+        env = os.environ | {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
         assert p.returncode == 0, p.stderr[-3000:]
     local, ray_out = shard_bytes(outs["local"]), shard_bytes(outs["ray"])

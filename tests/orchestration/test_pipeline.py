@@ -156,9 +156,9 @@ def test_pipeline_on_s3_with_mlflow_server_survives_a_phase2_worker_kill(
             web,
         ]
         prepare_cmd += ["--out", "s3://runs/tokens", "--val-fraction", "0.15", "--no-progress"]
-        log = run(
-            prepare_cmd, env={k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "PROGROW_FAULT")}
-        )
+        # its own local cluster ("local"), never one another process started on this machine
+        prep_env = {k: v for k, v in env.items() if k != "PROGROW_FAULT"} | {"RAY_ADDRESS": "local"}
+        log = run(prepare_cmd, env=prep_env)
         assert "s3://runs/tokens:" in log and fs.exists("runs/tokens/meta.json")
         out = run(
             pipeline_cmd(
