@@ -10,6 +10,7 @@ shared lock on it for as long as it has the shards open.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -152,24 +153,34 @@ def _make_room(base: Path, keep: str, need: int, limit: int, log) -> None:
     for d in sorted(others, key=lambda d: (d / MARKER).stat().st_mtime if (d / MARKER).exists() else 0):
         if used + need <= limit:
             return
-        fd = os.open(base / f"{d.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while any process has it open
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
+        with _unused(base / f"{d.name}.lock") as free:
+            if not free:
+                continue
             size = _dir_bytes(d)
             shutil.rmtree(d)
             used -= size
             log(f"data: cache over data.cache_max_gb, removed {d.name} ({size / 1e9:.2f} GB, unused)")
-        finally:
-            os.close(fd)
     if used + need > limit:
         raise ConfigError(
             f"data.cache_max_gb={limit / 1e9:g}: {used / 1e9:.2f} GB of cached shards are in use by other "
             f"processes on this node and this dataset needs {need / 1e9:.2f} GB more; raise it"
         )
+
+
+@contextlib.contextmanager
+def _unused(lock: Path):
+    """Whether no process holds ``lock`` (shared or exclusive), found without waiting; while it is True
+    this process holds it exclusively, so nobody starts using what it guards."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
 
 
 def _write_whole(path: Path, text: str) -> None:
@@ -194,7 +205,8 @@ def _download(fs, root: str, local: Path, meta: dict, log) -> int:
         target = local / shard["file"]
         if target.exists() and file_sha256(str(target)) == shard["sha256"]:
             continue
-        n += _download_one(fs, root, local, shard)
+        _download_one(fs, root, local, shard)
+        n += 1
     if n:
         log(f"data: {n} shard(s) downloaded to {local}")
     return n
@@ -211,12 +223,11 @@ class StreamedShards:
     file under its final name is verified). The bound holds the shards every process of the node
     has pinned: ranks read in step, so that is about one process's share."""
 
-    def __init__(self, uri: str, meta: dict, cache_dir: str | None, max_gb: float,
-                 log: Callable[[str], None] = lambda _: None):
+    def __init__(self, uri: str, meta: dict, cache_dir: str | None, max_gb: float):
         self.fs, self.root = filesystem(uri)
         base, name = Path(cache_dir or default_cache_dir()), f"{_key(uri, meta)}-streamed"
         self.local = base / name
-        self.limit, self.log = int(max_gb * 1e9), log
+        self.limit = int(max_gb * 1e9)
         self.downloaded = 0  # by this process
         # held shared while open (taken before the directory is made): the whole-dataset eviction of
         # other runs leaves the directory alone
@@ -264,7 +275,8 @@ class StreamedShards:
                 for orphan in self.local.glob(".*.part"):  # only the lock's holder downloads: left by a crash
                     orphan.unlink(missing_ok=True)
                 if self._make_room(2 * shard["tokens"] + 128, final=time.monotonic() > deadline):
-                    self.downloaded += _download_one(self.fs, self.root, self.local, shard)
+                    _download_one(self.fs, self.root, self.local, shard)
+                    self.downloaded += 1
                     return
             finally:
                 os.close(fetching)
@@ -279,17 +291,11 @@ class StreamedShards:
         for _, size, p in sorted(files):  # least recently used first
             if used + need <= self.limit:
                 return True
-            fd = os.open(self.local / f".{p.name}.pin", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while any process reads it
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:
+            with _unused(self.local / f".{p.name}.pin") as free:
+                if not free:
+                    continue
                 p.unlink(missing_ok=True)  # (another process may have just removed it)
                 used -= size
-            finally:
-                os.close(fd)
         if used + need <= self.limit:
             return True
         if final:
@@ -320,7 +326,8 @@ def _sizes(local: Path, hidden: bool = False) -> list[tuple[float, int, Path]]:
     return out
 
 
-def _download_one(fs, root: str, local: Path, shard: dict) -> int:
+def _download_one(fs, root: str, local: Path, shard: dict) -> None:
+    """``shard`` into ``local``: to a temporary name of this process, checked, renamed into place."""
     tmp = local / f".{shard['file']}.{os.getpid()}.{uuid.uuid4().hex}.part"
     try:
         fs.get(f"{root.rstrip('/')}/{shard['file']}", str(tmp))
@@ -333,4 +340,3 @@ def _download_one(fs, root: str, local: Path, shard: dict) -> int:
     finally:
         if tmp.exists():
             tmp.unlink()
-    return 1

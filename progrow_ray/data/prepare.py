@@ -13,9 +13,9 @@ settings finds ``meta.json`` with the same fingerprint and does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import contextlib
 import io
 import json
 import multiprocessing
@@ -204,7 +204,7 @@ IN_FLIGHT_BYTES_PER_WORKER = 32 << 20  # ... and at most this much source per pr
 _encoding = None  # a tokeniser process's copy of the encoding
 
 
-def _start_worker(encoding_file: str, environ: dict[str, str], everyone=None) -> None:
+def _start_worker(encoding_file: str, environ: dict[str, str], everyone) -> None:
     """Take the parent's environment as it is now (the fork server holds the one it started with:
     credentials and endpoints may have changed since), load the encoding the parent pickled (~40 ms;
     building it takes ~1 s), and wait for the other processes of the pool to start."""
@@ -213,8 +213,7 @@ def _start_worker(encoding_file: str, environ: dict[str, str], everyone=None) ->
     os.environ.update(environ)
     with open(encoding_file, "rb") as fh:
         _encoding = pickle.load(fh)
-    if everyone is not None:
-        everyone.wait(timeout=300)
+    everyone.wait(timeout=300)
 
 
 def work_units(files: list[SourceFile], unit_bytes: int = UNIT_BYTES) -> Iterator[list[Part] | SourceFile]:
@@ -316,24 +315,24 @@ def local_tokens(files: list[SourceFile], workers: int, bar=None) -> TokenStream
     if workers <= 1:
         yield from batched_tokens(file_documents(files, bar), 1)
         return
-    seen: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="progrow-tokeniser-") as tmp:
         encoding_file = os.path.join(tmp, "gpt2.pickle")
         with open(encoding_file, "wb") as fh:
             pickle.dump(gpt2_encoding(), fh)
         pool = _start_pool(workers, encoding_file)
-        yield from _pooled(pool, files, workers, seen, bar)
+        yield from _pooled(pool, files, workers, bar)
 
 
-def _pooled(pool: ProcessPoolExecutor, files: list[SourceFile], workers: int, seen: dict, bar) -> TokenStream:
-    pending: deque = deque()
+def _pooled(pool: ProcessPoolExecutor, files: list[SourceFile], workers: int, bar) -> TokenStream:
+    pending: deque = deque()  # (unit, its bytes of source, future), oldest first
+    seen: dict[str, int] = {}  # documents so far in each file
+    in_flight = 0  # bytes of source in ``pending``
 
     def oldest() -> TokenStream:
-        unit, future = pending.popleft()
+        nonlocal in_flight
+        unit, size, future = pending.popleft()
+        in_flight -= size
         return _unpacked(unit, future.result(), seen, bar)
-
-    def in_flight() -> int:
-        return sum(p.size for unit, _ in pending for p in unit)
 
     finished = False
     try:
@@ -343,9 +342,11 @@ def _pooled(pool: ProcessPoolExecutor, files: list[SourceFile], workers: int, se
                     yield from oldest()
                 yield from batched_tokens(file_documents([unit], bar), workers)
                 continue
-            pending.append((unit, pool.submit(_unit_tokens, unit)))
+            size = sum(p.size for p in unit)
+            pending.append((unit, size, pool.submit(_unit_tokens, unit)))
+            in_flight += size
             while pending and (len(pending) >= IN_FLIGHT_PER_WORKER * workers
-                               or in_flight() >= IN_FLIGHT_BYTES_PER_WORKER * workers):
+                               or in_flight >= IN_FLIGHT_BYTES_PER_WORKER * workers):
                 yield from oldest()
         while pending:
             yield from oldest()

@@ -54,7 +54,7 @@ class TokenShards:
         if streamed and not is_local(fs):  # fetched as they are reached (data.block_shards)
             require(cache_max_gb is not None, "data.block_shards streams remote shards through the node cache: "
                                               "set data.cache_max_gb, the most it may hold")
-            self.stream = StreamedShards(uri, meta, cache_dir, cache_max_gb, log=print)
+            self.stream = StreamedShards(uri, meta, cache_dir, cache_max_gb)
             self.arrays: list[np.ndarray | None] = [None] * len(self.shard_meta)
             self._pins: OrderedDict[int, int] = OrderedDict()  # open shard -> its lock fd, oldest first
             self.max_open = 2
@@ -196,7 +196,9 @@ class SequenceSampler:
     def _memo(self, key: tuple, make):
         """A few recent orders, kept on the sampler (a cache on the class would keep old samplers, and
         their pinned shards, alive)."""
-        if key not in self._recent:
+        if key in self._recent:
+            self._recent.move_to_end(key)
+        else:
             self._recent[key] = make()
             if len(self._recent) > 6:
                 self._recent.popitem(last=False)
